@@ -1,0 +1,162 @@
+"""Training-set colour statistics: mean image and RGB principal components.
+
+The paper (section 2) subtracts the per-pixel mean image of the training set
+and (section 4.1) adds "fancy PCA" lighting noise along the eigenvectors of
+the 3x3 covariance of RGB values over the training set. Following
+REFERENCE.md, the mean is kept on the 0-255 scale and the covariance is
+computed on [0,1]-scaled pixels (so eigenvalues are comparable with the
+published ImageNet values below; the pipeline multiplies the shift by 255).
+
+Statistics are accumulated in float64 from batches of images that were
+already resized and centre-cropped to resize_size, and cached as one .npz
+per (dataset, split, resize_size), see `cache_path`.
+"""
+
+import dataclasses
+import os
+import re
+import tempfile
+
+import numpy as np
+
+# ImageNet's published values on [0,1]-scaled pixels (fb.resnet.torch;
+# REFERENCE.md): eigenvalues in descending order and eigenvectors as columns
+# (rows are R, G, B).
+IMAGENET_EIGVALS = np.array([0.2175, 0.0188, 0.0045])
+IMAGENET_EIGVECS = np.array([[-0.5675, 0.7192, 0.4009],
+                             [-0.5808, -0.0045, -0.8140],
+                             [-0.5836, -0.6948, 0.4203]])
+
+
+@dataclasses.dataclass(frozen=True)
+class ColourStats:
+  """Colour statistics of a training split.
+
+  Attributes:
+    mean_image: float32 [resize_size, resize_size, 3], 0-255 scale.
+    channel_mean: float32 [3], 0-255 scale (the mean of `mean_image`).
+    eigvals: float64 [3], eigenvalues of the RGB covariance on [0,1] pixels,
+      descending.
+    eigvecs: float64 [3, 3], the matching unit eigenvectors as columns.
+    num_examples: how many images the statistics were computed from.
+  """
+  mean_image: np.ndarray
+  channel_mean: np.ndarray
+  eigvals: np.ndarray
+  eigvecs: np.ndarray
+  num_examples: int
+
+
+def principal_components(
+    covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Eigen-decomposes a symmetric 3x3 covariance, largest eigenvalue first.
+
+  Args:
+    covariance: [3, 3] symmetric matrix.
+
+  Returns:
+    (eigvals [3] descending, eigvecs [3, 3] with eigenvectors as columns).
+  """
+  eigvals, eigvecs = np.linalg.eigh(covariance)
+  order = np.argsort(eigvals)[::-1]
+  return eigvals[order], eigvecs[:, order]
+
+
+class StatsAccumulator:
+  """Accumulates the mean image and RGB covariance over batches of images."""
+
+  def __init__(self, resize_size: int):
+    self._image_sum = np.zeros((resize_size, resize_size, 3), np.float64)
+    self._rgb_sum = np.zeros(3, np.float64)
+    self._rgb_outer = np.zeros((3, 3), np.float64)
+    self._num_images = 0
+    self._num_pixels = 0
+
+  def update(self, images: np.ndarray) -> None:
+    """Adds a batch of images.
+
+    Args:
+      images: [batch, resize_size, resize_size, 3] on the 0-255 scale.
+    """
+    images = np.asarray(images, np.float64)
+    self._image_sum += images.sum(axis=0)
+    pixels = images.reshape(-1, 3) / 255.0
+    self._rgb_sum += pixels.sum(axis=0)
+    self._rgb_outer += pixels.T @ pixels
+    self._num_images += images.shape[0]
+    self._num_pixels += pixels.shape[0]
+
+  def result(self) -> ColourStats:
+    """Returns the statistics of everything added so far.
+
+    Returns:
+      The `ColourStats`.
+
+    Raises:
+      ValueError: if no image was added.
+    """
+    if not self._num_images:
+      raise ValueError('No images to compute colour statistics from.')
+    mean_image = self._image_sum / self._num_images
+    mean_rgb = self._rgb_sum / self._num_pixels
+    # Population covariance E[x x^T] - mu mu^T; float64 keeps the
+    # cancellation harmless even over a billion pixels.
+    covariance = self._rgb_outer / self._num_pixels - np.outer(mean_rgb,
+                                                               mean_rgb)
+    eigvals, eigvecs = principal_components(covariance)
+    return ColourStats(
+        mean_image=mean_image.astype(np.float32),
+        channel_mean=mean_image.mean(axis=(0, 1)).astype(np.float32),
+        eigvals=eigvals,
+        eigvecs=eigvecs,
+        num_examples=self._num_images)
+
+
+def cache_path(root: str, dataset: str, split: str, resize_size: int) -> str:
+  """Returns where the statistics of a split are cached.
+
+  Args:
+    root: the TFDS data directory.
+    dataset: a tag naming the dataset (e.g. 'digits', 'imagenet2012:5.1.0').
+    split: the training split spec, e.g. 'train[:99%]'.
+    resize_size: side of the square images the statistics were computed on.
+
+  Returns:
+    `<root>/alexnet_colour_stats/<dataset>/<split>_<resize_size>.npz`, with
+    characters outside [A-Za-z0-9._-] replaced so specs make valid names.
+  """
+  def clean(text):
+    return re.sub(r'[^A-Za-z0-9._-]', '_', text)
+  return os.path.join(root, 'alexnet_colour_stats', clean(dataset),
+                      f'{clean(split)}_{resize_size}.npz')
+
+
+def save(path: str, stats: ColourStats) -> None:
+  """Writes `stats` to `path` atomically (parallel processes may race).
+
+  Args:
+    path: destination .npz file; its directory is created if needed.
+    stats: the statistics.
+  """
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz')
+  with os.fdopen(fd, 'wb') as f:
+    np.savez(f, **dataclasses.asdict(stats))
+  os.replace(tmp, path)
+
+
+def load(path: str) -> ColourStats | None:
+  """Reads statistics written by `save`; None if the file does not exist.
+
+  Args:
+    path: the .npz file.
+
+  Returns:
+    The statistics, or None.
+  """
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    fields = {f.name: data[f.name] for f in dataclasses.fields(ColourStats)}
+  fields['num_examples'] = int(fields['num_examples'])
+  return ColourStats(**fields)
