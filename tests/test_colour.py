@@ -1,0 +1,77 @@
+"""Tests of alexnet/colour.py: mean image, RGB eigen-decomposition, cache."""
+
+import numpy as np
+import pytest
+
+from alexnet import colour
+
+
+def test_mean_image_matches_numpy_over_batches():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (7, 5, 5, 3)).astype(np.uint8)
+  accumulator = colour.StatsAccumulator(5)
+  accumulator.update(images[:3])
+  accumulator.update(images[3:])
+  stats = accumulator.result()
+  expected = images.astype(np.float64).mean(axis=0)
+  np.testing.assert_allclose(stats.mean_image, expected, rtol=1e-6)
+  np.testing.assert_allclose(stats.channel_mean, expected.mean(axis=(0, 1)),
+                             rtol=1e-6)
+  assert stats.num_examples == 7
+
+
+def test_eigen_decomposition_recovers_known_covariance():
+  rng = np.random.default_rng(1)
+  # A known covariance on [0,1] pixels: random orthonormal axes with
+  # distinct variances.
+  axes, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+  variances = np.array([0.02, 0.005, 0.001])
+  covariance = axes @ np.diag(variances) @ axes.T
+  pixels = rng.multivariate_normal([0.5, 0.45, 0.4], covariance,
+                                   size=200 * 16 * 16)
+  images = (255.0 * pixels).reshape(200, 16, 16, 3)
+  accumulator = colour.StatsAccumulator(16)
+  for chunk in np.split(images, 4):
+    accumulator.update(chunk)
+  stats = accumulator.result()
+  np.testing.assert_allclose(stats.eigvals, variances, rtol=0.05)
+  # Eigenvectors match up to sign.
+  for i in range(3):
+    assert abs(stats.eigvecs[:, i] @ axes[:, i]) > 0.99
+  reconstructed = stats.eigvecs @ np.diag(stats.eigvals) @ stats.eigvecs.T
+  np.testing.assert_allclose(reconstructed, covariance, atol=5e-4)
+
+
+def test_principal_components_sorted_descending_and_orthonormal():
+  eigvals, eigvecs = colour.principal_components(np.diag([1.0, 3.0, 2.0]))
+  np.testing.assert_allclose(eigvals, [3.0, 2.0, 1.0])
+  np.testing.assert_allclose(eigvecs.T @ eigvecs, np.eye(3), atol=1e-12)
+  np.testing.assert_allclose(np.abs(eigvecs[:, 0]), [0, 1, 0])
+
+
+def test_imagenet_values_are_an_orthonormal_basis():
+  vectors = colour.IMAGENET_EIGVECS
+  np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=2e-3)
+  assert list(colour.IMAGENET_EIGVALS) == sorted(colour.IMAGENET_EIGVALS,
+                                                 reverse=True)
+
+
+def test_cache_round_trip_and_path(tmp_path):
+  path = colour.cache_path(str(tmp_path), 'imagenet2012-5.1.0',
+                           'train[:99%]', 256)
+  assert path == str(tmp_path / 'alexnet_colour_stats' /
+                     'imagenet2012-5.1.0' / 'train__99___256.npz')
+  assert colour.load(path) is None
+  accumulator = colour.StatsAccumulator(2)
+  accumulator.update(np.arange(24.0).reshape(2, 2, 2, 3))
+  stats = accumulator.result()
+  colour.save(path, stats)
+  loaded = colour.load(path)
+  for name in ('mean_image', 'channel_mean', 'eigvals', 'eigvecs'):
+    np.testing.assert_array_equal(getattr(loaded, name), getattr(stats, name))
+  assert loaded.num_examples == 2
+
+
+def test_empty_accumulator_raises():
+  with pytest.raises(ValueError, match='No images'):
+    colour.StatsAccumulator(4).result()
