@@ -1,0 +1,227 @@
+"""Per-layer forward and forward+backward times, JAX model vs PyTorch peer.
+
+Each layer of the two-tower net runs alone on a random input of the shape it
+sees in the full net at the given batch size: the JAX side through the
+layer code of `alexnet.model` (both towers on one device, as
+`towers_per_device=2` runs them), the PyTorch side through the modules of
+`bench.peer_torch`'s grouped net. Backward computes the gradients of the
+layer's parameters and of its input (not of the image at conv1, which
+training never needs). 'update' is the paper's optimizer update over all 61M
+parameters. Used by `bench/train_step.py --per_layer` to find where XLA loses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from alexnet import model
+from bench import peer_torch
+
+PAD1, PAD2 = ((1, 1), (1, 1)), ((2, 2), (2, 2))
+LRN = dict(k=2.0, size=5, alpha=1e-4, beta=0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One row of the table.
+
+  Attributes:
+    name: row label.
+    shape: input shape without the batch axis (NHWC or [features]).
+    jax_fn: (params, x, key) -> y; params None for parameter-free layers.
+    init: flax module whose init gives the params, or None.
+    torch_index: index of the module in peer_torch's nn.Sequential.
+    input_grad: whether backward needs the gradient of the input.
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  jax_fn: Callable[..., Any]
+  init: Any = None
+  torch_index: int | None = None
+  input_grad: bool = True
+
+
+def _module_layer(name, shape, module, torch_index, input_grad=True):
+  fn = lambda params, x, key: module.apply({'params': params}, x)
+  return Layer(name, shape, fn, module, torch_index, input_grad)
+
+
+def _dropout(params, x, key):
+  del params
+  return model.AlexNet().apply({}, x, True, method=model.AlexNet._dropout,
+                               rngs={'dropout': key})
+
+
+def layers(dtype) -> list[Layer]:
+  """The net's layers in order, with the input shapes of a 227x227 image."""
+  conv = lambda f, k, **kw: model.TowerConv(features=f, kernel_size=k,
+                                            dtype=dtype, **kw)
+  dense = lambda f: model.TowerDense(features=f, dtype=dtype)
+  lrn = lambda p, x, key: model.local_response_norm(x, groups=2, **LRN)
+  pool = lambda p, x, key: model.max_pool(x)
+  return [
+      _module_layer('conv1', (227, 227, 3),
+                    conv(48, 11, strides=4, padding='VALID',
+                         shared_input=True), 0, input_grad=False),
+      Layer('lrn1', (55, 55, 96), lrn, torch_index=2),
+      Layer('pool1', (55, 55, 96), pool, torch_index=3),
+      _module_layer('conv2', (27, 27, 96), conv(128, 5, padding=PAD2), 4),
+      Layer('lrn2', (27, 27, 256), lrn, torch_index=6),
+      Layer('pool2', (27, 27, 256), pool, torch_index=7),
+      _module_layer('conv3', (13, 13, 256),
+                    conv(192, 3, padding=PAD1, shared_input=True), 8),
+      _module_layer('conv4', (13, 13, 384), conv(192, 3, padding=PAD1), 10),
+      _module_layer('conv5', (13, 13, 384), conv(128, 3, padding=PAD1), 12),
+      Layer('pool5', (13, 13, 256), pool, torch_index=14),
+      _module_layer('fc6', (9216,), dense(2048), 16),
+      Layer('drop6', (4096,), _dropout, torch_index=18),
+      _module_layer('fc7', (4096,), dense(2048), 19),
+      _module_layer('fc8', (4096,), dense(500), 22),
+  ]
+
+
+def _mean_seconds(run: Callable[[], Any], steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  start = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(run())
+  return (time.perf_counter() - start) / steps
+
+
+def time_jax(layer: Layer, batch: int, dtype, steps: int, warmup: int
+             ) -> tuple[float, float]:
+  """(forward, forward+backward) seconds of one JAX layer."""
+  x = 50 * jax.random.normal(jax.random.key(0), (batch, *layer.shape), dtype)
+  params = None
+  if layer.init is not None:
+    params = layer.init.init(jax.random.key(1), x[:1])['params']
+  key = jax.random.key(2)
+  forward = jax.jit(layer.jax_fn)
+
+  @jax.jit
+  def backward(params, x, key):
+    if layer.input_grad:
+      y, vjp = jax.vjp(lambda p, x: layer.jax_fn(p, x, key), params, x)
+    else:
+      y, vjp = jax.vjp(lambda p: layer.jax_fn(p, x, key), params)
+    return vjp(jnp.ones_like(y))
+
+  fwd = _mean_seconds(lambda: forward(params, x, key), steps, warmup)
+  bwd = _mean_seconds(lambda: backward(params, x, key), steps, warmup)
+  return fwd, bwd
+
+
+def time_torch(layer: Layer, batch: int, steps: int, warmup: int
+               ) -> tuple[float, float]:
+  """(forward, forward+backward) seconds of the PyTorch peer's layer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  module = peer_torch._build_model()[layer.torch_index]  # pylint: disable=protected-access
+  module.train()
+  # NCHW shape in channels_last memory, like the peer's activations.
+  x = 50 * torch.randn(batch, *layer.shape[-1:], *layer.shape[:-1])
+  if x.ndim == 4:
+    x = x.contiguous(memory_format=torch.channels_last)
+  x.requires_grad_(layer.input_grad)
+
+  def forward():
+    with torch.no_grad():
+      return module(x)
+
+  def backward():
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    y = module(x)
+    y.backward(torch.ones_like(y))
+
+  def seconds(run):
+    for _ in range(warmup):
+      run()
+    start = time.perf_counter()
+    for _ in range(steps):
+      run()
+    return (time.perf_counter() - start) / steps
+
+  return seconds(forward), seconds(backward)
+
+
+def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
+                torch_ok: bool) -> tuple[float, float | None]:
+  """Seconds of one optimizer update `tx` (JAX) and torch SGD."""
+  params = jax.eval_shape(
+      lambda: model.AlexNet().init(jax.random.key(0),
+                                   jnp.zeros((1, 227, 227, 3)), train=False))
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                        params['params'])
+  state = tx.init(params)
+
+  @jax.jit
+  def update(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jax_seconds = _mean_seconds(lambda: update(params, state, params), steps,
+                              warmup)
+  if not torch_ok:
+    return jax_seconds, None
+  import torch  # pylint: disable=g-import-not-at-top
+  net = peer_torch._build_model()  # pylint: disable=protected-access
+  for p in net.parameters():
+    p.grad = torch.ones_like(p)
+  sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9,
+                        weight_decay=5e-4)
+  start = None
+  for i in range(warmup + steps):
+    if i == warmup:
+      start = time.perf_counter()
+    sgd.step()
+  return jax_seconds, (time.perf_counter() - start) / steps
+
+
+def print_table(batch: int, dtype, selected: list[str], steps: int,
+                warmup: int, torch_ok: bool,
+                tx: optax.GradientTransformation) -> None:
+  """Prints ms per layer, JAX and PyTorch, forward and forward+backward.
+
+  Args:
+    batch: images per step.
+    dtype: JAX compute dtype.
+    selected: row names to run; empty runs all.
+    steps, warmup: timed and untimed repetitions per figure.
+    torch_ok: whether to run the PyTorch side.
+    tx: the optimizer whose update is the 'update' row.
+  """
+  print(f'\nper layer, batch {batch}, ms (mean of {steps} after {warmup} '
+        'warm-up); speed = PyTorch ms / JAX ms, >1: JAX faster')
+  print(f'{"layer":<8} {"JAX fwd":>9} {"torch fwd":>9} {"speed":>6}  '
+        f'{"JAX f+b":>9} {"torch f+b":>9} {"speed":>6}')
+  totals = np.zeros(4)
+  for layer in layers(dtype):
+    if selected and layer.name not in selected:
+      continue
+    jf, jb = time_jax(layer, batch, dtype, steps, warmup)
+    tf, tb = (time_torch(layer, batch, steps, warmup) if torch_ok
+              else (float('nan'),) * 2)
+    totals += [jf, tf, jb, tb]
+    _print_row(layer.name, jf, tf, jb, tb)
+  if not selected or 'update' in selected:
+    ju, tu = time_update(tx, steps, warmup, torch_ok)
+    tu = float('nan') if tu is None else tu
+    totals += [0, 0, ju, tu]
+    _print_row('update', float('nan'), float('nan'), ju, tu)
+  _print_row('total', *totals)
+
+
+def _print_row(name, jf, tf, jb, tb):
+  ms = lambda s: f'{1e3 * s:9.1f}'
+  print(f'{name:<8} {ms(jf)} {ms(tf)} {tf / jf:6.2f}  '
+        f'{ms(jb)} {ms(tb)} {tb / jb:6.2f}')

@@ -1,0 +1,240 @@
+"""Images/s of one AlexNet training step and one eval step, JAX vs PyTorch.
+
+A training step is forward (dropout on), softmax cross-entropy, backward and
+the paper's update `chain(add_decayed_weights(5e-4, kernels only),
+scale_by_learning_rate(lr), trace(0.9))`, run through `alexnet.parallel.Layout`
+exactly as training does (one `pmap`; both towers on one device with
+--devices=1, one tower per device with --devices=2). Eval is the forward pass
+alone. Compile time and warm-up steps are excluded and every timed step is
+blocked on, so the figures are steady-state throughput.
+
+When torch is importable, `bench/peer_torch.py` measures the same grouped net
+in the same process and the JAX/PyTorch ratios are printed: the machine is
+shared and noisy, so only ratios taken side by side mean anything.
+
+  python bench/train_step.py                       # batch 128, float32
+  python bench/train_step.py --devices=2           # tower-parallel layout
+  python bench/train_step.py --per_layer           # per-layer fwd+bwd table
+  python bench/train_step.py --per_layer --layers=conv1,pool1 --skip_step
+
+On CPU, --devices=N fakes N host devices (XLA_FLAGS is set before JAX is
+imported); on GPUs the same command uses the first N real devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+# Runnable as `python bench/train_step.py` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+  # argparse, not absl: peer_torch shares the process (see its main()).
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch_size', type=int, default=128,
+                      help='images per step, over all replicas')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after compilation')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
+                      default='float32', help='JAX compute dtype')
+  parser.add_argument('--devices', type=int, default=1,
+                      help='devices of the layout (fake host devices on CPU)')
+  parser.add_argument('--per_layer', action='store_true',
+                      help='also time forward+backward of each layer alone')
+  parser.add_argument('--layers', default='',
+                      help='comma-separated subset of the per-layer table')
+  parser.add_argument('--skip_step', action='store_true',
+                      help='skip the whole-step figures (per-layer only)')
+  parser.add_argument('--no_torch', action='store_true',
+                      help='do not run the PyTorch peer')
+  return parser.parse_args(argv)
+
+
+ARGS = _parse_args(None if __name__ == '__main__' else [])
+if ARGS.devices > 1:
+  # Must precede the JAX import; ignored by GPU backends, which have their own.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count='
+                             f'{ARGS.devices}')
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+from alexnet import model, parallel  # pylint: disable=g-import-not-at-top
+from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
+
+IMAGE_SIZE = 227
+NUM_CLASSES = 1000
+LEARNING_RATE = 0.01
+WEIGHT_DECAY = 5e-4
+MOMENTUM = 0.9
+
+
+def paper_optimizer(learning_rate: float) -> optax.GradientTransformation:
+  """The paper's update: decay (kernels only), lr inside the velocity."""
+  kernels_only = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key == 'kernel', params)
+  return optax.chain(
+      optax.add_decayed_weights(WEIGHT_DECAY, mask=kernels_only),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.trace(MOMENTUM))
+
+
+def _time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
+  """Seconds per step, mean over `steps` blocked steps after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(step())
+  total = 0.0
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    total += time.perf_counter() - start
+  return total / steps
+
+
+class Bench:
+  """The model, its parameters and a fixed batch laid out on the devices."""
+
+  def __init__(self, layout: parallel.Layout, batch_size: int, dtype):
+    if batch_size % layout.num_replicas:
+      raise ValueError(f'--batch_size={batch_size} must divide over '
+                       f'{layout.num_replicas} replicas')
+    self.layout = layout
+    self.net = model.AlexNet(num_classes=NUM_CLASSES, dtype=dtype,
+                             exchange=layout.exchange)
+    host_net = model.AlexNet(num_classes=NUM_CLASSES)
+    params = jax.jit(lambda k: host_net.init(
+        k, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))(
+            jax.random.key(0))['params']
+    self.params = layout.shard_towers(jax.device_get(params))
+    self.tx = paper_optimizer(LEARNING_RATE)
+    self.opt_state = layout.pmap(self.tx.init)(self.params)
+    rng = np.random.default_rng(0)
+    per_replica = batch_size // layout.num_replicas
+    images = 50 * rng.standard_normal(
+        (layout.num_local_replicas, per_replica, IMAGE_SIZE, IMAGE_SIZE, 3),
+        dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, images.shape[:2], dtype=np.int32)
+    self.images = layout.shard_batch(images)
+    self.labels = layout.shard_batch(labels)
+    self.key = jax.random.key(1)
+
+  def train_step_fn(self):
+    """The pmapped step: (params, opt_state, images, labels, key) -> new."""
+    net, tx, layout = self.net, self.tx, self.layout
+
+    def loss_fn(params, images, labels, key):
+      logits = net.apply({'params': params}, images, train=True,
+                         rngs={'dropout': key})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return loss.mean(), None
+
+    def step(params, opt_state, images, labels, key):
+      key = jax.random.fold_in(key, layout.replica_index())
+      loss, _, grads = layout.grad(loss_fn)(params, images, labels, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state,
+              layout.mean_over_replicas(loss))
+
+    return layout.pmap(step, in_axes=(0, 0, 0, 0, None),
+                       out_axes=(0, 0, None), donate_argnums=(0, 1))
+
+  def time_train(self, steps: int, warmup: int) -> float:
+    """Images/s of the training step."""
+    step = self.train_step_fn()
+    state = [self.params, self.opt_state, self.key]
+
+    def run():
+      state[2], key = jax.random.split(state[2])
+      state[0], state[1], loss = step(state[0], state[1], self.images,
+                                      self.labels, key)
+      return state[0], loss
+
+    jax.block_until_ready(run())  # Compiles.
+    seconds = _time_steps(run, steps, warmup)
+    self.params, self.opt_state = state[0], state[1]
+    return self._images_per_step / seconds
+
+  def time_eval(self, steps: int, warmup: int) -> float:
+    """Images/s of the forward pass (dropout off)."""
+    net = self.net
+    forward = self.layout.pmap(
+        lambda p, x: net.apply({'params': p}, x, train=False))
+    run = lambda: forward(self.params, self.images)
+    jax.block_until_ready(run())
+    return self._images_per_step / _time_steps(run, steps, warmup)
+
+  @property
+  def _images_per_step(self) -> int:
+    return self.images.shape[1] * self.layout.num_replicas
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+  return f'{a / b:6.2f}' if a and b else '     -'
+
+
+def _row(name: str, jax_value, torch_value, unit: str, fmt: str = '9.2f'):
+  show = lambda v: format(v, fmt) if v is not None else '        -'
+  ratio = _ratio(jax_value, torch_value)
+  if unit == 'ms':  # Lower is better: ratio as torch time / JAX time.
+    ratio = _ratio(torch_value, jax_value)
+  print(f'{name:<12} {show(jax_value)} {show(torch_value)}   {ratio}')
+
+
+def run_step_bench(args, layout: parallel.Layout, dtype, torch_ok: bool):
+  """Times train and eval, JAX then PyTorch, and prints the table."""
+  bench = Bench(layout, args.batch_size, dtype)
+  jax_train = bench.time_train(args.steps, args.warmup)
+  jax_eval = bench.time_eval(args.steps, args.warmup)
+  torch_train = torch_eval = None
+  if torch_ok:
+    torch_train = peer_torch.measure_train(args.batch_size, args.steps,
+                                           args.warmup)
+    torch_eval = peer_torch.measure_eval(args.batch_size, args.steps,
+                                         args.warmup)
+  print(f'\nimages/s, batch {args.batch_size}, {args.steps} steps after '
+        f'{args.warmup} warm-up (ratio JAX/PyTorch, >1: JAX faster)')
+  print(f'{"":<12} {"JAX":>9} {"PyTorch":>9}   {"ratio":>6}')
+  _row('train', jax_train, torch_train, 'images/s')
+  _row('eval', jax_eval, torch_eval, 'images/s')
+
+
+def main() -> None:
+  args = ARGS
+  dtype = jnp.dtype(args.dtype)
+  devices = jax.devices()
+  if args.devices > len(devices):
+    raise SystemExit(f'--devices={args.devices} but only {len(devices)} '
+                     f'{devices[0].platform} devices')
+  layout = parallel.Layout.create(model_parallel=True,
+                                  devices=tuple(devices[:args.devices]))
+  torch_ok = peer_torch.available() and not args.no_torch
+  if torch_ok:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_info = f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
+  else:
+    torch_info = 'torch: not run'
+  print(f'jax {jax.__version__} on {args.devices} x {devices[0].device_kind} '
+        f'({devices[0].platform}); {layout.towers_per_device} tower(s) per '
+        f'device, {layout.num_replicas} replica(s); {args.dtype}; {torch_info}')
+  if os.environ.get('XLA_FLAGS'):
+    print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
+  if not args.skip_step:
+    run_step_bench(args, layout, dtype, torch_ok)
+  if args.per_layer:
+    selected = [n for n in args.layers.split(',') if n]
+    per_layer.print_table(args.batch_size, dtype, selected, args.steps,
+                          args.warmup, torch_ok,
+                          paper_optimizer(LEARNING_RATE))
+
+
+if __name__ == '__main__':
+  main()
