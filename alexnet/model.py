@@ -286,3 +286,22 @@ class AlexNet(nn.Module):
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter tree."""
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def feature_map_size(image_size: int) -> int:
+  """Height (= width) of conv5's pooled maps for a square input.
+
+  conv1 is 11x11 stride 4 VALID, each pool 3x3 stride 2 VALID, and the other
+  convs keep the size (REFERENCE.md).
+  """
+  pool = lambda n: (n - 3) // 2 + 1
+  conv1 = (image_size - 11) // 4 + 1
+  return pool(pool(pool(conv1)))
+
+
+def smallest_image_size() -> int:
+  """The smallest input that leaves at least 1x1 maps for fc6 (67)."""
+  size = 11
+  while feature_map_size(size) < 1:
+    size += 1
+  return size

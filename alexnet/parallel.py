@@ -78,7 +78,7 @@ class Layout:
     Raises:
       ValueError: model parallelism with an odd number of devices per process.
     """
-    devices = tuple(devices or jax.devices())
+    devices = tuple(jax.devices() if devices is None else devices)
     num_local = sum(d.process_index == jax.process_index() for d in devices)
     if model_parallel and len(devices) >= NUM_TOWERS:
       if num_local % NUM_TOWERS:

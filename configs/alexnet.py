@@ -104,13 +104,15 @@ def paper_config() -> ml_collections.ConfigDict:
   config.dropout_rate = 0.5
   # Initialisation: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or
   # 'caffe' (biases 0.1, fc6/fc7 std 0.005).
-  config.init = 'paper'
+  config.init_scheme = 'paper'
   # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
   config.dtype = 'float32'
   # With two or more devices put the two towers on separate devices (the
   # paper's model parallelism); False keeps both towers on every device and
   # uses all devices for data parallelism.
   config.model_parallel = True
+  # Use the first N devices of each process; 0 uses them all.
+  config.num_devices = 0
 
   # --- Optimisation (paper section 5) ---------------------------------------
   # Global batch size, split across data-parallel replicas and processes.
@@ -166,7 +168,7 @@ def _digits(config: ml_collections.ConfigDict) -> None:
   # 76/67 keeps the paper's 256/227 ratio of resize to crop.
   config.resize_size = 76
   config.image_size = 67
-  config.init = 'caffe'
+  config.init_scheme = 'caffe'
   config.batch_size = 64
   config.eval_batch_size = 250
   config.learning_rate = 0.01

@@ -1,0 +1,60 @@
+"""Trains and evaluates the paper's AlexNet.
+
+    python main.py --config=configs/alexnet.py:digits --workdir=runs/digits
+
+Override any config field with --config.FIELD=VALUE. Running the same command
+again resumes from the last checkpoint in --workdir.
+"""
+
+import logging as python_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+from alexnet import checkpoints
+import input_pipeline
+import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard '
+                    'metrics and pictures; re-running resumes from it.')
+config_flags.DEFINE_config_file(
+    'config', None, 'A config file, e.g. configs/alexnet.py (the paper) or '
+    'configs/alexnet.py:digits (offline).', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Libraries that log every checkpoint write or dataset read at INFO; their
+# warnings and errors still show.
+_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/')
+
+# Errors that mean "fix the command", shown without a traceback.
+_USER_ERRORS = (train.ConfigError, input_pipeline.DatasetError,
+                checkpoints.IncompatibleCheckpointError, FloatingPointError)
+
+
+def _quiet_library_info(record: python_logging.LogRecord) -> bool:
+  return record.levelno >= python_logging.WARNING or not any(
+      part in record.pathname for part in _QUIET_LIBRARIES)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
+  # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+  tf.config.set_visible_devices([], 'GPU')
+  logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except _USER_ERRORS as error:
+    raise SystemExit(f'error: {error}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)
