@@ -18,7 +18,7 @@ resizing the shorter side and centre-cropping), and the training set's mean
 
 Training adds random `image_size` crops, horizontal reflections and fancy PCA
 lighting. Every random draw comes from stateless ops keyed on
-(seed, epoch, process, example index), and each epoch is shuffled with a seed
+(seed, epoch, process, example index) (drawn as per-epoch tables), and each epoch is shuffled with a seed
 derived from (seed, epoch), so a pipeline started at step k yields exactly the
 batches k, k+1, ... of a pipeline started at step 0. 256x256 JPEGs take a
 fused decode-and-crop fast path.
@@ -198,69 +198,120 @@ def crop(image: tf.Tensor, offset: tf.Tensor, size: int) -> tf.Tensor:
   return tf.ensure_shape(window, [size, size, image.shape[-1]])
 
 
-def example_key(seed: int | tf.Tensor, epoch: tf.Tensor, process: int,
-                index: tf.Tensor) -> tf.Tensor:
-  """The stateless RNG key of one presentation of one example.
+def epoch_key(seed: int, epoch: tf.Tensor, process: int) -> tf.Tensor:
+  """The stateless RNG key of one epoch of one process.
 
   Args:
     seed: `config.seed`.
     epoch: the epoch (0-based).
     process: the process index (processes hold different examples).
-    index: the example's index within this process's slice of the split.
 
   Returns:
     int64 [2], a key for `tf.random.stateless_*` ops.
   """
   key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
-  for data in (epoch, process, index):
+  for data in (epoch, process):
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(data,
                                                                 tf.int64))
   return key
 
 
-def random_crop_offset(key: tf.Tensor, resize_size: int,
-                       image_size: int) -> tf.Tensor:
-  """Uniform (top, left) with every value in 0..resize_size-image_size.
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Random draws of one epoch; row i belongs to example index i.
+
+  Drawn as whole-epoch tables (one op each) because per-example random ops
+  cost more tf.data time than decoding a 256x256 JPEG. Row i depends only on
+  (seed, epoch, process, i), so resuming and reshuffling do not change it.
+
+  Attributes:
+    offsets: int32 [n, 2], (top, left) crop offsets, each uniform in
+      0..resize_size-image_size.
+    flips: bool [n], horizontal reflection, probability 1/2.
+    shifts: float32 [n, 3], fancy PCA lighting 255 * P @ (alpha * lambda)
+      with alpha ~ N(0, sigma) (zeros when sigma is 0).
+  """
+  offsets: tf.Tensor
+  flips: tf.Tensor
+  shifts: tf.Tensor
+
+
+def random_crop_offsets(key: tf.Tensor, n: int, resize_size: int,
+                        image_size: int) -> tf.Tensor:
+  """n uniform (top, left) offsets, every value in 0..resize_size-image_size.
 
   Args:
     key: stateless RNG key [2].
+    n: number of offsets.
     resize_size: side of the image to crop from.
     image_size: side of the crop.
 
   Returns:
-    int32 [2].
+    int32 [n, 2].
   """
   return tf.random.stateless_uniform(
-      [2], key, minval=0, maxval=resize_size - image_size + 1,
+      [n, 2], key, minval=0, maxval=resize_size - image_size + 1,
       dtype=tf.int32)
 
 
-def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """Reflects [height, width, c] left-right with probability 1/2."""
-  flip = tf.random.stateless_uniform([], key) < 0.5
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+def random_flips(key: tf.Tensor, n: int) -> tf.Tensor:
+  """n independent fair coin flips (bool [n])."""
+  return tf.random.stateless_uniform([n], key) < 0.5
 
 
-def lighting_shift(key: tf.Tensor, sigma: float, eigvals: np.ndarray,
-                   eigvecs: np.ndarray) -> tf.Tensor:
-  """Fancy PCA lighting: 255 * P @ (alpha * lambda), alpha ~ N(0, sigma).
+def lighting_shifts(key: tf.Tensor, n: int, sigma: float,
+                    eigvals: np.ndarray, eigvecs: np.ndarray) -> tf.Tensor:
+  """Fancy PCA lighting: n shifts 255 * P @ (alpha * lambda).
 
-  The paper draws alpha once per image and presentation and adds the shift
-  to every pixel; lambda and P are computed on [0,1] pixels (REFERENCE.md),
-  hence the factor 255 for 0-255 images.
+  The paper draws alpha ~ N(0, sigma) once per image and presentation and
+  adds the shift to every pixel; lambda and P are computed on [0,1] pixels
+  (REFERENCE.md), hence the factor 255 for 0-255 images.
 
   Args:
     key: stateless RNG key [2].
+    n: number of shifts.
     sigma: standard deviation of alpha.
     eigvals: [3] eigenvalues lambda of the RGB covariance.
     eigvecs: [3, 3] eigenvectors P as columns.
 
   Returns:
-    float32 [3], the RGB shift.
+    float32 [n, 3], RGB shifts.
   """
-  alpha = sigma * tf.random.stateless_normal([3], key, dtype=tf.float32)
-  weights = alpha * tf.constant(eigvals, tf.float32)
-  return 255.0 * tf.linalg.matvec(tf.constant(eigvecs, tf.float32), weights)
+  alpha = sigma * tf.random.stateless_normal([n, 3], key, dtype=tf.float32)
+  weights = alpha * tf.constant(eigvals, tf.float32)  # [n, 3]
+  # Row i is P @ weights[i], i.e. weights @ P^T.
+  return 255.0 * tf.matmul(weights, tf.constant(eigvecs, tf.float32),
+                           transpose_b=True)
+
+
+def draw_augmentation(key: tf.Tensor, n: int, resize_size: int,
+                      image_size: int, sigma: float, eigvals: np.ndarray,
+                      eigvecs: np.ndarray) -> Augmentation:
+  """All random draws of one epoch of n examples.
+
+  Args:
+    key: from `epoch_key`.
+    n: examples in this process's slice.
+    resize_size: side of the image crops are taken from.
+    image_size: crop side.
+    sigma: lighting alpha std (0 gives zero shifts).
+    eigvals: [3] RGB eigenvalues.
+    eigvecs: [3, 3] RGB eigenvectors as columns.
+
+  Returns:
+    The `Augmentation` tables.
+  """
+  crop_key, flip_key, light_key = tf.unstack(
+      tf.random.experimental.stateless_split(key, 3))
+  return Augmentation(
+      offsets=random_crop_offsets(crop_key, n, resize_size, image_size),
+      flips=random_flips(flip_key, n),
+      shifts=lighting_shifts(light_key, n, sigma, eigvals, eigvecs))
+
+
+def flip_if(image: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+  """Reflects [height, width, c] left-right when `flip` is True."""
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -795,27 +846,31 @@ def train_dataset(config: ml_collections.ConfigDict, *, num_shards: int,
   buffer = local_examples if source.cheap_elements else min(
       config.shuffle_buffer, local_examples)
   start_epoch, skip_steps = divmod(start_step, epoch_steps)
+  sigma = config.pca_sigma
 
   def epoch_examples(epoch):
     ds = indexed.shuffle(buffer, seed=config.seed * 1_000_003 + epoch,
                          reshuffle_each_iteration=False).take(per_epoch)
     # Resuming skips undecoded records of the first epoch only.
     skip = tf.where(epoch == start_epoch, skip_steps * local_batch, 0)
-    return ds.skip(tf.cast(skip, tf.int64)).map(
-        lambda i, example: (epoch, i, example))
+    draws = draw_augmentation(epoch_key(config.seed, epoch, index),
+                              local_examples, resize, size, sigma, eigvals,
+                              eigvecs)
 
-  def augment(epoch, example_index, example):
+    def attach(i, example):
+      return (example, tf.gather(draws.offsets, i), tf.gather(draws.flips, i),
+              tf.gather(draws.shifts, i))
+
+    return ds.skip(tf.cast(skip, tf.int64)).map(attach)
+
+  def augment(example, offset, flip, shift):
     data, label = example
-    key = example_key(config.seed, epoch, index, example_index)
-    crop_key, flip_key, light_key = tf.unstack(
-        tf.random.experimental.stateless_split(key, 3))
-    offset = random_crop_offset(crop_key, resize, size)
     image = decode_crop(source.read(data), resize, size, offset)
     image -= crop(mean, offset, size)
     if config.random_flip:
-      image = random_flip(image, flip_key)
-    if config.pca_sigma > 0:
-      image += lighting_shift(light_key, config.pca_sigma, eigvals, eigvecs)
+      image = flip_if(image, flip)
+    if sigma > 0:
+      image += shift
     return {'image': image, 'label': label}
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)

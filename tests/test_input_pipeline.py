@@ -142,10 +142,12 @@ def test_decode_crop_fused_jpeg_path_matches_decode_then_crop():
 
 
 def test_random_crop_offsets_reach_every_offset_with_exact_shape():
-  offsets = tf.data.Dataset.range(600).map(
-      lambda i: ip.random_crop_offset(ip.example_key(0, 0, 0, i), 6, 3))
-  seen = {tuple(o) for o in offsets.as_numpy_iterator()}
-  assert seen == {(y, x) for y in range(4) for x in range(4)}
+  key = ip.epoch_key(0, tf.constant(0), 0)
+  fn = lambda k: ip.random_crop_offsets(k, 600, 6, 3)
+  for offsets in _eager_and_mapped(fn, key):
+    assert offsets.shape == (600, 2)
+    assert {tuple(o) for o in offsets} == {(y, x) for y in range(4)
+                                           for x in range(4)}
   image = np.arange(6 * 6 * 3, dtype=np.float32).reshape(6, 6, 3)
   fn = lambda im, off: ip.crop(im, off, 3)
   for out in _eager_and_mapped(fn, image, np.array([3, 1], np.int32)):
@@ -153,15 +155,23 @@ def test_random_crop_offsets_reach_every_offset_with_exact_shape():
 
 
 def test_random_flip_reflects_about_half_the_time():
+  key = ip.epoch_key(1, tf.constant(0), 0)
+  flips, mapped = _eager_and_mapped(lambda k: ip.random_flips(k, 2000), key)
+  np.testing.assert_array_equal(flips, mapped)
+  assert 0.45 < flips.mean() < 0.55
   image = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
-  firsts = tf.data.Dataset.range(2000).map(
-      lambda i: ip.random_flip(image, ip.example_key(1, 0, 0, i))[0, 0, 0])
-  flipped = np.array(list(firsts.as_numpy_iterator())) == image[0, 1, 0]
-  assert 0.45 < flipped.mean() < 0.55
-  key = np.array([5, 5], np.int64)
-  outs = _eager_and_mapped(ip.random_flip, image, key)
-  np.testing.assert_array_equal(outs[0], outs[1])
-  assert any(np.array_equal(outs[0], v) for v in (image, image[:, ::-1]))
+  for flip, expected in ((True, image[:, ::-1]), (False, image)):
+    for out in _eager_and_mapped(ip.flip_if, image, flip):
+      np.testing.assert_array_equal(out, expected)
+
+
+def test_epoch_draws_differ_by_epoch_process_and_seed():
+  draw = lambda *a: ip.draw_augmentation(ip.epoch_key(*a), 64, 8, 5, 0.1,
+                                         np.ones(3), np.eye(3)).shifts
+  reference = draw(0, 0, 0).numpy()
+  np.testing.assert_array_equal(draw(0, 0, 0).numpy(), reference)
+  for other in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+    assert not np.allclose(draw(*other).numpy(), reference)
 
 
 def test_lighting_shift_covariance_matches_formula():
@@ -169,17 +179,19 @@ def test_lighting_shift_covariance_matches_formula():
   eigvecs, _ = np.linalg.qr(rng.normal(size=(3, 3)))
   eigvals = np.array([0.2, 0.05, 0.01])
   sigma = 0.1
-  shift = lambda i: ip.lighting_shift(ip.example_key(2, 0, 0, i), sigma,
-                                      eigvals, eigvecs)
-  draws = next(iter(tf.data.Dataset.range(20_000).map(shift).batch(
-      20_000))).numpy().astype(np.float64)
+  fn = lambda k: ip.lighting_shifts(k, 20_000, sigma, eigvals, eigvecs)
+  key = ip.epoch_key(2, tf.constant(0), 0)
+  eager, mapped = _eager_and_mapped(fn, key)
+  np.testing.assert_allclose(eager, mapped, rtol=1e-5, atol=1e-5)
+  draws = eager.astype(np.float64)
   expected = 255**2 * sigma**2 * eigvecs @ np.diag(eigvals**2) @ eigvecs.T
   empirical = np.cov(draws.T)
   assert np.abs(draws.mean(axis=0)).max() < 0.1
   np.testing.assert_allclose(empirical, expected,
                              atol=0.04 * np.abs(expected).max())
-  eager = shift(tf.constant(7, tf.int64)).numpy()
-  np.testing.assert_allclose(eager, draws[7], rtol=1e-6)
+  # sigma = 0 disables the lighting noise.
+  zero = ip.lighting_shifts(key, 10, 0.0, eigvals, eigvecs).numpy()
+  assert not zero.any()
 
 
 def test_ten_crop_views_and_order():
