@@ -196,19 +196,23 @@ def eval_metrics(logits: jax.Array, labels: jax.Array,
   Returns:
     Sums, to be added over batches and devices and divided by 'count'.
   """
-  weight = mask.astype(jnp.float32)
   predictions = {'centre': jax.nn.log_softmax(logits[:, 0])}
   if logits.shape[1] > 1:
-    predictions['ten_crop'] = jnp.log(
-        jnp.mean(jax.nn.softmax(logits), axis=1))
-  sums = {'count': jnp.sum(weight)}
+    # log(mean_v softmax_v), computed in log space so that it cannot
+    # underflow to log(0).
+    predictions['ten_crop'] = (
+        jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=1)
+        - jnp.log(logits.shape[1]))
+  sums = {'count': jnp.sum(mask.astype(jnp.float32))}
   top_k = min(5, logits.shape[-1])
+  masked_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0))
   for name, log_probs in predictions.items():
     nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     rank = _label_rank(log_probs, labels)
-    sums[f'{name}_loss'] = jnp.sum(nll * weight)
-    sums[f'{name}_top1_error'] = jnp.sum((rank >= 1) * weight)
-    sums[f'{name}_top5_error'] = jnp.sum((rank >= top_k) * weight)
+    sums[f'{name}_loss'] = masked_sum(nll)
+    sums[f'{name}_top1_error'] = masked_sum((rank >= 1).astype(jnp.float32))
+    sums[f'{name}_top5_error'] = masked_sum(
+        (rank >= top_k).astype(jnp.float32))
   return sums
 
 
