@@ -114,7 +114,9 @@ def time_jax(layer: Layer, batch: int, dtype, steps: int, warmup: int
       y, vjp = jax.vjp(lambda p, x: layer.jax_fn(p, x, key), params, x)
     else:
       y, vjp = jax.vjp(lambda p: layer.jax_fn(p, x, key), params)
-    return vjp(jnp.ones_like(y))
+    # Returning y keeps XLA from dropping the forward of linear layers,
+    # whose backward does not read their output.
+    return y, vjp(jnp.ones_like(y))
 
   fwd = _mean_seconds(lambda: forward(params, x, key), steps, warmup)
   bwd = _mean_seconds(lambda: backward(params, x, key), steps, warmup)

@@ -1,5 +1,6 @@
 """Tests of the tower model: shapes, parameter count, LRN, init, dropout."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +146,43 @@ def test_bfloat16_compute_keeps_float32_parameters():
                                            train=False)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
+
+
+def _lrn_by_autodiff(x, groups, k, size, alpha, beta):
+  """The formula with jnp.pow, for jax.grad to differentiate."""
+  *lead, channels = x.shape
+  a = x.reshape(*lead, groups, channels // groups)
+  half = size // 2
+  padded = jnp.pad(jnp.square(a), [(0, 0)] * (a.ndim - 1) + [(half, half)])
+  window = sum(padded[..., i:i + a.shape[-1]] for i in range(size))
+  return (a / (k + alpha * window) ** beta).reshape(x.shape)
+
+
+@pytest.mark.parametrize('groups,beta', [(1, 0.75), (2, 0.75), (2, 0.6)])
+def test_lrn_hand_written_gradient_equals_autodiff(groups, beta):
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.uniform(-300, 300, size=(2, 3, 3, 12)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+  constants = dict(k=2.0, size=5, alpha=1e-4, beta=beta)
+  got = jax.vjp(lambda x: model.local_response_norm(
+      x, groups=groups, **constants), a)[1](cotangent)[0]
+  want = jax.vjp(lambda x: _lrn_by_autodiff(x, groups, **constants),
+                 a)[1](cotangent)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 13, 13, 4), (1, 6, 7, 2)])
+def test_max_pool_equals_flax_max_pool_ties_included(shape):
+  """The first maximum of a window (row-major) gets the gradient."""
+  rng = np.random.default_rng(2)
+  # Few distinct values: most windows hold tied maxima.
+  x = jnp.asarray(rng.integers(-2, 3, size=shape), jnp.float32)
+  flax_pool = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2),
+                                    padding='VALID')
+  want, want_vjp = jax.vjp(flax_pool, x)
+  got, got_vjp = jax.vjp(model.max_pool, x)
+  np.testing.assert_array_equal(got, want)
+  cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  # Overlapping windows add their cotangents in another order: ulps only.
+  np.testing.assert_allclose(got_vjp(cotangent)[0], want_vjp(cotangent)[0],
+                             rtol=1e-6, atol=1e-6)
