@@ -3,7 +3,9 @@
     python main.py --config=configs/alexnet.py:digits --workdir=runs/digits
 
 Override any config field with --config.FIELD=VALUE. Running the same command
-again resumes from the last checkpoint in --workdir.
+again resumes from the last checkpoint in --workdir. Several processes (one
+per host) start through jax.distributed, see alexnet/distributed.py; SIGTERM
+or SIGINT checkpoints and exits 0.
 """
 
 import logging as python_logging
@@ -16,6 +18,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from alexnet import checkpoints
+from alexnet import distributed
 import input_pipeline
 import train
 
@@ -34,7 +37,9 @@ _QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/')
 
 # Errors that mean "fix the command", shown without a traceback.
 _USER_ERRORS = (train.ConfigError, input_pipeline.DatasetError,
-                checkpoints.IncompatibleCheckpointError, FloatingPointError)
+                checkpoints.IncompatibleCheckpointError,
+                checkpoints.UnsharedWorkdirError,
+                distributed.DistributedConfigError, FloatingPointError)
 
 
 def _quiet_library_info(record: python_logging.LogRecord) -> bool:
@@ -48,9 +53,12 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
   try:
+    # First, before anything touches a device: JAX's backend must start
+    # knowing all processes.
+    distributed.initialize(FLAGS.config)
+    logging.info('JAX process %d of %d; local devices: %s',
+                 jax.process_index(), jax.process_count(), jax.local_devices())
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except _USER_ERRORS as error:
     raise SystemExit(f'error: {error}') from None

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ import optax
 from optax import contrib
 
 from alexnet import checkpoints
+from alexnet import distributed
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import pictures
@@ -259,8 +259,11 @@ class Schedule:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict,
-             info: input_pipeline.DatasetInfo) -> 'Schedule':
-    per_epoch = input_pipeline.steps_per_epoch(config, info)
+             info: input_pipeline.DatasetInfo,
+             num_replicas: int = 1) -> 'Schedule':
+    # Each replica reads its own slice of the data (see `_train_batches`).
+    per_epoch = input_pipeline.steps_per_epoch(config, info,
+                                               process_count=num_replicas)
     total = (config.num_train_steps if config.num_train_steps > 0
              else math.ceil(config.num_epochs * per_epoch))
     eval_every = max(1, round(config.eval_every_epochs * per_epoch))
@@ -315,33 +318,6 @@ def _shape_signature(config: ml_collections.ConfigDict,
           'image_size': config.image_size}
 
 
-class StopSignal:
-  """Turns the first SIGTERM/SIGINT into a request to checkpoint and stop.
-
-  A second signal gets the previous handler (e.g. KeyboardInterrupt).
-  """
-
-  def __init__(self):
-    self.received = None
-    self._previous = {}
-
-  def __enter__(self) -> 'StopSignal':
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-    signal.signal(signum, self._previous[signum])
-    logging.warning('%s received: saving a checkpoint and stopping.',
-                    self.received)
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def _prefetch(batches: Iterator[PyTree], layout: parallel.Layout,
               size: int = 2) -> Iterator[PyTree]:
   """Keeps `size` batches on their way to the devices."""
@@ -350,6 +326,36 @@ def _prefetch(batches: Iterator[PyTree], layout: parallel.Layout,
     queue.append(layout.shard_batch(batch))
     if len(queue) == size:
       yield queue.popleft()
+
+
+def _local_replicas(layout: parallel.Layout) -> list[int]:
+  """Global indices of this process's data-parallel replicas, in order."""
+  per = layout.devices_per_replica
+  return sorted({i // per for i, device in enumerate(layout.devices)
+                 if device.process_index == jax.process_index()})
+
+
+def _train_batches(config: ml_collections.ConfigDict, layout: parallel.Layout,
+                   start_step: int) -> Iterator[PyTree]:
+  """This process's training batches, [local replicas, per replica, ...].
+
+  Every data-parallel replica reads its own slice of the training split
+  with its own random draws (the input pipeline's per-process sharding,
+  applied per replica), so replica r sees the same images whether it runs
+  in this process or another: the run does not depend on how the replicas
+  are spread over processes. config.shuffle_buffer is shared out among all
+  replicas (a layout-independent share), so all buffers together hold at
+  most that many examples.
+  """
+  replicas = _local_replicas(layout)
+  config = config.copy_and_resolve_references()
+  config.shuffle_buffer = max(1, config.shuffle_buffer // layout.num_replicas)
+  iterators = [input_pipeline.create_train_iterator(
+      config, num_shards=1, start_step=start_step, process_index=replica,
+      process_count=layout.num_replicas) for replica in replicas]
+  while True:
+    parts = [next(iterator) for iterator in iterators]
+    yield jax.tree.map(lambda *x: np.concatenate(x), *parts)
 
 
 def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
@@ -408,7 +414,8 @@ class _Run:
     self.layout = _create_layout(config)
     validate_config(config, self.layout)
     self.info = input_pipeline.get_dataset_info(config)
-    self.schedule = Schedule.create(config, self.info)
+    self.schedule = Schedule.create(config, self.info,
+                                    self.layout.num_replicas)
     self.signature = _shape_signature(config, self.info.num_classes)
     self.model = create_model(config, self.info.num_classes,
                               self.layout.exchange)
@@ -470,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if state.step == 0:
     writer.write_hparams(config.to_dict())
   try:
-    with StopSignal() as stop:
+    with distributed.StopSignal() as stop:
       state = _train_loop(run, state, writer, stop)
   finally:
     run.checkpoints.wait()
@@ -481,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def _train_loop(run: _Run, state: TrainState,
                 writer: metric_writers.MetricWriter,
-                stop: StopSignal) -> TrainState:
+                stop: distributed.StopSignal) -> TrainState:
   config, layout, schedule = run.config, run.layout, run.schedule
   p_train_step = layout.pmap(
       functools.partial(train_step, model=run.model, layout=layout,
@@ -492,9 +499,7 @@ def _train_loop(run: _Run, state: TrainState,
       out_axes=None)
   towers = layout.shard_towers({'params': state.params,
                                 'opt_state': state.opt_state})
-  batches = _prefetch(input_pipeline.create_train_iterator(
-      config, num_shards=layout.num_local_replicas, start_step=state.step),
-                      layout)
+  batches = _prefetch(_train_batches(config, layout, state.step), layout)
   eval_sets = {split: input_pipeline.create_eval_iterable(
       config, split, num_shards=layout.num_local_replicas)
                for split in run.info.num_eval_examples}
@@ -511,14 +516,18 @@ def _train_loop(run: _Run, state: TrainState,
 
   step = state.step
   plateau = state.plateau
-  while step < schedule.total_steps and not stop.received:
+  stopping = False
+  while step < schedule.total_steps and not stopping:
     lr = run.learning_rate(plateau)
     towers, metrics = p_train_step(towers, next(batches), lr, step)
     step += 1
     progress.record(metrics)
+    # Asked once after every step: with several processes this is JAX's
+    # preemption sync point, which all of them must reach together.
+    stopping = stop.should_stop(step)
     is_eval = step % schedule.eval_every == 0
     is_last = step == schedule.total_steps
-    must_save = (is_eval or is_last or stop.received
+    must_save = (is_eval or is_last or stopping
                  or step % config.checkpoint_every_steps == 0)
     if step % config.log_every_steps == 0 or must_save:
       if not progress.flush(step, lr):
@@ -538,6 +547,9 @@ def _train_loop(run: _Run, state: TrainState,
         state = state.replace(plateau=plateau)
       _write_eval(run, writer, step, results, state)
     run.save(state, error)
+  if stopping:
+    logging.warning('Stopped after step %d on request; its checkpoint is '
+                    'being written. Run the same command to resume.', step)
   return host_state(step).replace(plateau=plateau)
 
 

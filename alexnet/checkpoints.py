@@ -10,11 +10,19 @@ with an incompatible config.
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a process killed mid-write leaves the previous checkpoints
 usable; the half-written one is ignored (and cleaned up) on the next start.
+
+With several processes (`jax.distributed`) every process calls `save` and
+`restore`; orbax writes each array once and synchronises the processes, so
+the directory must be on a filesystem all of them share. `restore` first
+checks that every process sees the same latest step, so that a directory
+that is not shared fails with an error instead of a hang.
 """
 
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -23,6 +31,10 @@ PyTree = Any
 
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds a checkpoint of a differently shaped run."""
+
+
+class UnsharedWorkdirError(RuntimeError):
+  """Processes of one run see different checkpoints in the same directory."""
 
 
 class Checkpoints:
@@ -50,6 +62,30 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def agreed_latest_step(self) -> int | None:
+    """The latest step, checked to be the one every process sees.
+
+    Called by all processes together (a collective when there are several).
+
+    Raises:
+      UnsharedWorkdirError: the directory is not shared by all processes
+        (or holds different checkpoints on different hosts).
+    """
+    step = self.latest_step()
+    if jax.process_count() == 1:
+      return step
+    seen = np.asarray(multihost_utils.process_allgather(
+        np.int64(-1 if step is None else step))).reshape(-1)
+    if len(set(seen.tolist())) > 1:
+      views = ', '.join(f'process {i}: {"none" if s < 0 else f"step {s}"}'
+                        for i, s in enumerate(seen.tolist()))
+      raise UnsharedWorkdirError(
+          f'The processes see different latest checkpoints in '
+          f'{self._manager.directory} ({views}). The workdir must be on a '
+          'filesystem all processes share (e.g. NFS or a GCS bucket), with '
+          'the same --workdir on every process.')
+    return step
 
   def best_step(self) -> int | None:
     return self._manager.best_step()
@@ -91,8 +127,10 @@ class Checkpoints:
 
     Raises:
       IncompatibleCheckpointError: shapes that do not fit this config.
+      UnsharedWorkdirError: processes that see different latest steps.
     """
-    step = self.latest_step() if step is None else step
+    if step is None:
+      step = self.agreed_latest_step()
     if step is None:
       return None
     meta = self._manager.restore(

@@ -86,7 +86,8 @@ def paper_config() -> ml_collections.ConfigDict:
   # Evaluate the paper's 10 crops (corners + centre, and reflections) with
   # softmax averaging, besides the centre crop.
   config.ten_crop = True
-  # Training examples held in the shuffle buffer (per process).
+  # Training examples held in shuffle buffers, in total: each data-parallel
+  # replica shuffles its own slice of the data with an equal share.
   config.shuffle_buffer = 16_384
 
   # --- Model ----------------------------------------------------------------
@@ -157,6 +158,18 @@ def paper_config() -> ml_collections.ConfigDict:
   config.flat_loss_evals = 2
   # Seed for initialisation, data order, augmentation and dropout.
   config.seed = 0
+
+  # --- Several processes (jax.distributed; see alexnet/distributed.py) ------
+  # Left at their defaults, SLURM (srun), Open MPI (mpirun) and Cloud TPU
+  # pods are detected, and a plain machine runs one process.
+  # host:port of process 0's coordinator, the same on every process; ''
+  # reads JAX_COORDINATOR_ADDRESS or detects it.
+  config.coordinator_address = ''
+  # Number of processes; 0 reads JAX_NUM_PROCESSES or detects it.
+  config.num_processes = 0
+  # This process's index in [0, num_processes); -1 reads JAX_PROCESS_ID or
+  # detects it.
+  config.process_id = -1
   return config
 
 

@@ -1,0 +1,87 @@
+"""main.py with faults injected at exact moments, for tests/test_faults.py.
+
+    python tests/fault_worker.py --config=... --workdir=...   (main.py's flags)
+
+Test-only; the library has no hooks for it. Environment variables:
+
+* FAULT_STEP_SECONDS: sleep this long after each train step, so that a
+  signal sent from outside surely lands while training (tiny steps take
+  milliseconds).
+* FAULT_KILL: SIGKILL this process at an exact point:
+  - 'save:STEP': when the checkpoint of STEP is requested, before anything
+    of it is written (e.g. 'save:2' is "before the first checkpoint");
+  - 'commit:STEP': inside orbax's asynchronous commit of STEP, on its
+    background thread: every file of the checkpoint is written into the
+    temporary directory, which is not yet renamed to its final name.
+"""
+
+import functools
+import os
+import signal
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from orbax.checkpoint._src.path import atomicity
+
+from alexnet import checkpoints
+import main
+import train
+
+
+def _die() -> None:
+  sys.stderr.write('fault_worker: SIGKILL\n')
+  sys.stderr.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _slow_steps(seconds: float) -> None:
+  record = train._Progress.record  # pylint: disable=protected-access
+
+  @functools.wraps(record)
+  def slow_record(self, metrics):
+    record(self, metrics)
+    time.sleep(seconds)
+  train._Progress.record = slow_record  # pylint: disable=protected-access
+
+
+def _kill_at_save(step: int) -> None:
+  save = checkpoints.Checkpoints.save
+
+  @functools.wraps(save)
+  def save_or_die(self, at, *args, **kwargs):
+    if at == step:
+      _die()
+    return save(self, at, *args, **kwargs)
+  checkpoints.Checkpoints.save = save_or_die
+
+
+def _kill_at_commit(step: int) -> None:
+  path_class = atomicity.AtomicRenameTemporaryPath
+  finalize = path_class.finalize
+
+  @functools.wraps(finalize)
+  async def finalize_or_die(self, *args, **kwargs):
+    if self.get_final().name == str(step):
+      _die()
+    return await finalize(self, *args, **kwargs)
+  path_class.finalize = finalize_or_die
+
+
+def _install_faults() -> None:
+  seconds = float(os.environ.get('FAULT_STEP_SECONDS', 0))
+  if seconds:
+    _slow_steps(seconds)
+  kill = os.environ.get('FAULT_KILL', '')
+  if kill:
+    where, step = kill.split(':')
+    {'save': _kill_at_save, 'commit': _kill_at_commit}[where](int(step))
+
+
+if __name__ == '__main__':
+  _install_faults()
+  sys.argv[0] = os.path.join(REPO, 'main.py')
+  app.run(main.main)

@@ -1,0 +1,314 @@
+"""Runs through faults: several processes, SIGTERM, SIGKILL, bad configs.
+
+Every run here is a real `main.py` process (or `tests/fault_worker.py`,
+main.py with a fault injected at an exact moment) on the tiny variant, and
+ends compared with one uninterrupted in-process reference run of the same
+12 steps on 4 devices (2 replicas x 2 towers).
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from alexnet import checkpoints
+from configs import alexnet as configs
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12  # checkpoint_every_steps is the tiny variant's 2.
+TIMEOUT = 300  # Seconds any one process may take before the test fails.
+
+
+def _tiny(data_dir, **overrides):
+  config = configs.get_config('tiny')
+  config.data_dir = data_dir
+  config.num_train_steps = STEPS
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """The uninterrupted run: (workdir, final state), in this process."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  state = train.train_and_evaluate(_tiny(data_dir), workdir)
+  assert state.step == STEPS
+  return workdir, state
+
+
+class _Run:
+  """A main.py (or fault_worker.py) process logging to a file."""
+
+  def __init__(self, log, data_dir, workdir, *flags, devices=4,
+               script='main.py', **env):
+    self.log = log
+    environ = dict(os.environ, JAX_PLATFORMS='cpu',
+                   XLA_FLAGS=f'--xla_force_host_platform_device_count='
+                   f'{devices}', **{k: str(v) for k, v in env.items()})
+    command = [sys.executable, os.path.join(REPO, *script.split('/')),
+               '--config=configs/alexnet.py:tiny', f'--workdir={workdir}',
+               f'--config.data_dir={data_dir}',
+               f'--config.num_train_steps={STEPS}', *flags]
+    with open(log, 'w') as out:
+      self.process = subprocess.Popen(command, cwd=REPO, env=environ,
+                                      stdout=out, stderr=subprocess.STDOUT)
+
+  def text(self) -> str:
+    with open(self.log) as f:
+      return f.read()
+
+  def wait_for(self, pattern: str) -> None:
+    """Polls the log until `pattern` appears (fails if the process ends)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not re.search(pattern, self.text()):
+      assert self.process.poll() is None, self.text()[-3000:]
+      assert time.monotonic() < deadline, f'no {pattern!r} in the log'
+      time.sleep(0.01)
+
+  def wait(self) -> int:
+    try:
+      return self.process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      raise
+
+
+def _store(workdir):
+  return checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                 keep=2)
+
+
+def _restore(workdir, data_dir):
+  config = _tiny(data_dir)
+  state = train.create_train_state(config, train.create_model(config, 10))
+  like = {'params': state.params, 'opt_state': state.opt_state,
+          'plateau': state.plateau}
+  return _store(workdir).restore(
+      like, {'num_classes': 10, 'width': config.width,
+             'image_size': config.image_size})
+
+
+def _assert_same_as_reference(workdir, data_dir, reference, exact=True):
+  tree, meta = _restore(workdir, data_dir)
+  assert meta['step'] == STEPS
+  _, state = reference
+  if exact:
+    check = np.testing.assert_array_equal
+  else:  # Float32 rounding of another summation order, nothing more.
+    check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                    atol=1e-8)
+  jax.tree.map(check, (tree['params'], tree['opt_state']),
+               (state.params, state.opt_state))
+
+
+def _temporary(workdir):
+  return [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+          if 'tmp' in name]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+# --- Several processes --------------------------------------------------------
+
+
+def _two_processes(tmp_path, data_dir, workdirs, *flags):
+  address = f'--config.coordinator_address=127.0.0.1:{_free_port()}'
+  return [_Run(tmp_path / f'process{i}.log', data_dir, workdirs[i], address,
+               '--config.num_processes=2', f'--config.process_id={i}', *flags,
+               devices=2) for i in range(2)]
+
+
+def test_two_processes_equal_one_process(reference, data_dir, tmp_path):
+  """2 processes x 2 devices (gloo) == 1 process x 4 devices."""
+  workdir = str(tmp_path / 'run')
+  runs = _two_processes(tmp_path, data_dir, [workdir] * 2)
+  assert [run.wait() for run in runs] == [0, 0], runs[1].text()[-3000:]
+  assert 'JAX process 1 of 2' in runs[1].text()
+  # Summaries and pictures come from process 0 only.
+  assert len([n for n in os.listdir(workdir) if 'tfevents' in n]) == 1
+  _assert_same_as_reference(workdir, data_dir, reference, exact=False)
+
+
+# --- Preemption and kills -----------------------------------------------------
+
+
+def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
+    reference, data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  run = _Run(tmp_path / 'term.log', data_dir, workdir,
+             script='tests/fault_worker.py', FAULT_STEP_SECONDS=0.2)
+  run.wait_for(f'step 3/{STEPS}')
+  sent = time.monotonic()
+  run.process.send_signal(signal.SIGTERM)
+  assert run.wait() == 0, run.text()[-3000:]
+  seconds = time.monotonic() - sent
+  stopped = int(re.search(r'Stopped after step (\d+)', run.text())[1])
+  assert 3 <= stopped < STEPS
+  assert _store(workdir).latest_step() == stopped
+  assert not _temporary(workdir)
+  print(f'SIGTERM to exit: {seconds:.2f} s (step {stopped})')
+  assert seconds < 30
+
+  resumed = _Run(tmp_path / 'resume.log', data_dir, workdir)
+  assert resumed.wait() == 0, resumed.text()[-3000:]
+  assert f'Resuming from step {stopped} ' in resumed.text()
+  _assert_same_as_reference(workdir, data_dir, reference)
+
+
+def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path):
+  """Killed before the first checkpoint, while training, during a save."""
+  workdir = str(tmp_path / 'run')
+  worker = 'tests/fault_worker.py'
+
+  def killed(name, **env):
+    run = _Run(tmp_path / f'{name}.log', data_dir, workdir, script=worker,
+               **env)
+    return run
+
+  # Before the first checkpoint (step 2) is written.
+  run = killed('before_first', FAULT_KILL='save:2')
+  assert run.wait() == -signal.SIGKILL
+  assert _store(workdir).latest_step() is None
+
+  # From outside, at whatever point training has reached.
+  run = killed('training', FAULT_STEP_SECONDS=0.1)
+  run.wait_for(f'step 5/{STEPS}')
+  run.process.kill()
+  assert run.wait() == -signal.SIGKILL
+  assert 2 <= _store(workdir).latest_step() < STEPS
+
+  # During the asynchronous save of step 10: its files are written to a
+  # temporary directory that is never renamed.
+  run = killed('saving', FAULT_KILL='commit:10')
+  assert run.wait() == -signal.SIGKILL
+  assert _temporary(workdir)
+  assert _store(workdir).latest_step() == 8
+
+  run = _Run(tmp_path / 'final.log', data_dir, workdir)
+  assert run.wait() == 0, run.text()[-3000:]
+  assert 'Resuming from step 8 ' in run.text()
+  assert not _temporary(workdir)
+  _assert_same_as_reference(workdir, data_dir, reference)
+
+
+# --- Bad configurations -------------------------------------------------------
+
+
+def _folder_of_three_classes(root):
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 4), ('test', 1)):
+    for label in ('a', 'b', 'c'):
+      os.makedirs(root / split / label)
+      for i in range(count):
+        pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / label / f'{i}.jpg')
+
+
+def _snapshot(path):
+  """Every file under `path` with its size and modification time."""
+  found = {}
+  for folder, _, files in os.walk(path):
+    for name in files:
+      stat = os.stat(os.path.join(folder, name))
+      found[os.path.join(folder, name)] = (stat.st_size, stat.st_mtime_ns)
+  return found
+
+
+BAD = {  # name: (flags, devices, message)
+    'batch': (['--config.batch_size=5'], 4,
+              'config.batch_size=5 must be divisible by the 2 data-parallel'),
+    'image': (['--config.image_size=66', '--config.resize_size=70'], 4,
+              'config.image_size=66 is too small.*use at least 67'),
+    'odd': ([], 3, 'this process has 3 devices, an odd number'),
+    'dataset': (['--config.dataset=no_such_dataset'], 4,
+                "Unknown dataset 'no_such_dataset'"),
+    'zero_interval': (['--config.checkpoint_every_steps=0'], 4,
+                      'config.checkpoint_every_steps=0 must be positive'),
+    'negative_interval': (['--config.eval_every_epochs=-1'], 4,
+                          'config.eval_every_epochs=-1.0 must be positive'),
+    'processes': (['--config.num_processes=2'], 4,
+                  'missing: config.coordinator_address, config.process_id'),
+}
+
+
+@pytest.fixture(scope='module')
+def refused(reference, data_dir, tmp_path_factory):
+  """All the bad runs, started at once (they overlap their start-up).
+
+  Returns:
+    {name: {'code', 'log', 'before', 'after', 'exists'}}: exit code, output,
+    snapshots of the workdir before and after, and whether it exists.
+  """
+  tmp = tmp_path_factory.mktemp('refused')
+  runs, workdirs = {}, {}
+  for name, (flags, devices, _) in BAD.items():
+    workdirs[name] = str(tmp / name)
+    runs[name] = _Run(tmp / f'{name}.log', data_dir, workdirs[name], *flags,
+                      devices=devices)
+  # A workdir holding the reference's 10-class checkpoint, run on a folder
+  # of 3 classes.
+  _folder_of_three_classes(tmp / 'folder')
+  workdirs['classes'] = str(tmp / 'classes')
+  shutil.copytree(reference[0], workdirs['classes'])
+  before = {name: _snapshot(path) for name, path in workdirs.items()}
+  runs['classes'] = _Run(tmp / 'classes.log', data_dir, workdirs['classes'],
+                         '--config.dataset=folder', '--config.eval_split=test',
+                         f'--config.folder={tmp / "folder"}')
+  # Two processes whose workdirs are not one shared directory.
+  unshared = [workdirs['classes'], str(tmp / 'unshared')]
+  for i, run in enumerate(_two_processes(tmp, data_dir, unshared)):
+    runs[f'unshared{i}'] = run
+  results = {}
+  for name, run in runs.items():
+    path = workdirs.get(name)
+    results[name] = dict(
+        code=run.wait(), log=run.text(), before=before.get(name),
+        after=_snapshot(path) if path else None,
+        exists=path is not None and os.path.exists(path))
+  return results
+
+
+@pytest.mark.parametrize('name', sorted(BAD))
+def test_bad_config_is_refused_before_any_work(refused, name):
+  result = refused[name]
+  assert result['code'] != 0
+  assert re.search(f'error: .*{BAD[name][2]}', result['log']), (
+      result['log'][-3000:])
+  assert 'Traceback' not in result['log']
+  assert not result['exists']  # The workdir was never created.
+
+
+def test_checkpoint_of_other_classes_is_refused_untouched(refused):
+  result = refused['classes']
+  assert result['code'] != 0
+  assert re.search(r"error: .*'num_classes': 10.*'num_classes': 3",
+                   result['log']), result['log'][-3000:]
+  assert result['after'] == result['before']
+
+
+def test_workdir_not_shared_by_all_processes_fails_clearly(refused):
+  for i in range(2):
+    result = refused[f'unshared{i}']
+    assert result['code'] != 0
+    assert 'process 0: step 12, process 1: none' in result['log'], (
+        result['log'][-3000:])
+    assert 'a filesystem all processes share' in result['log']
