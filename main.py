@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
@@ -47,22 +48,35 @@ def _quiet_library_info(record: python_logging.LogRecord) -> bool:
       part in record.pathname for part in _QUIET_LIBRARIES)
 
 
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Everything main() does once flags are parsed.
+
+  Args:
+    config: the experiment config.
+    workdir: where the run lives.
+
+  Raises:
+    SystemExit: 'error: ...' (exit status 1) for a config, dataset or
+      workdir that cannot run, with no traceback.
+  """
+  try:
+    # First, before anything touches a device: JAX's backend must start
+    # knowing all processes.
+    distributed.initialize(config)
+    logging.info('JAX process %d of %d; local devices: %s',
+                 jax.process_index(), jax.process_count(), jax.local_devices())
+    train.train_and_evaluate(config, workdir)
+  except _USER_ERRORS as error:
+    raise SystemExit(f'error: {error}') from None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  try:
-    # First, before anything touches a device: JAX's backend must start
-    # knowing all processes.
-    distributed.initialize(FLAGS.config)
-    logging.info('JAX process %d of %d; local devices: %s',
-                 jax.process_index(), jax.process_count(), jax.local_devices())
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except _USER_ERRORS as error:
-    raise SystemExit(f'error: {error}') from None
-
+  run(FLAGS.config, FLAGS.workdir)
 
 if __name__ == '__main__':
   app.run(main)

@@ -428,15 +428,16 @@ class _Run:
 
   def restore_or_init(self) -> TrainState:
     """The latest checkpoint in the workdir, or a fresh state."""
+    # Refuses an incompatible or unshared workdir before any work.
+    step = self.checkpoints.check_latest(self.signature)
     state = create_train_state(
         self.config, create_model(self.config, self.info.num_classes))
     like = {'params': state.params, 'opt_state': state.opt_state,
             'plateau': state.plateau}
-    restored = self.checkpoints.restore(like, self.signature)
-    if restored is None:
+    if step is None:
       logging.info('Starting from scratch in %s.', self.workdir)
       return state
-    tree, meta = restored
+    tree, meta = self.checkpoints.restore(like, self.signature, step)
     logging.info('Resuming from step %d in %s.', meta['step'], self.workdir)
     return TrainState(step=meta['step'], **tree)
 

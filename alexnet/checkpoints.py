@@ -130,20 +130,49 @@ class Checkpoints:
       UnsharedWorkdirError: processes that see different latest steps.
     """
     if step is None:
-      step = self.agreed_latest_step()
+      step = self.check_latest(expected)
+    else:
+      self._check(step, expected)
     if step is None:
       return None
-    meta = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    if meta.get('shape') != expected:
-      raise IncompatibleCheckpointError(
-          f'{self._manager.directory} holds a checkpoint (step {step}) of a '
-          f'run with {meta.get("shape")}, but this config gives {expected}. '
-          'Use another --workdir, or the config that wrote it.')
+    meta = self._meta(step)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored['state'], meta
+
+  def check_latest(self, expected: dict[str, Any]) -> int | None:
+    """The latest step, after checking it can be restored with `expected`.
+
+    Cheap (reads JSON only), so a run can refuse a workdir before any work.
+    Called by all processes together.
+
+    Args:
+      expected: the settings that fix parameter shapes (meta['shape']).
+
+    Returns:
+      The latest step every process sees, or None for an empty directory.
+
+    Raises:
+      IncompatibleCheckpointError: a checkpoint of another configuration.
+      UnsharedWorkdirError: processes that see different latest steps.
+    """
+    step = self.agreed_latest_step()
+    if step is not None:
+      self._check(step, expected)
+    return step
+
+  def _meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _check(self, step: int, expected: dict[str, Any]) -> None:
+    shape = self._meta(step).get('shape')
+    if shape != expected:
+      raise IncompatibleCheckpointError(
+          f'{self._manager.directory} holds a checkpoint (step {step}) of a '
+          f'run with {shape}, but this config gives {expected}. '
+          'Use another --workdir, or the config that wrote it.')
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""

@@ -6,6 +6,7 @@ ends compared with one uninterrupted in-process reference run of the same
 12 steps on 4 devices (2 replicas x 2 towers).
 """
 
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 
 from alexnet import checkpoints
 from configs import alexnet as configs
+import main
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,11 +150,23 @@ def test_two_processes_equal_one_process(reference, data_dir, tmp_path):
   _assert_same_as_reference(workdir, data_dir, reference, exact=False)
 
 
+def _resume_in_process(workdir, data_dir, reference, step, caplog):
+  """Finishes the run here (quicker than a process); it must resume from
+  `step` and end exactly where the reference did."""
+  caplog.set_level(logging.INFO)
+  state = train.train_and_evaluate(_tiny(data_dir), workdir)
+  assert f'Resuming from step {step} ' in caplog.text
+  _, want = reference
+  assert state.step == want.step == _store(workdir).latest_step()
+  jax.tree.map(np.testing.assert_array_equal,
+               (state.params, state.opt_state), (want.params, want.opt_state))
+
+
 # --- Preemption and kills -----------------------------------------------------
 
 
 def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
-    reference, data_dir, tmp_path):
+    reference, data_dir, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   run = _Run(tmp_path / 'term.log', data_dir, workdir,
              script='tests/fault_worker.py', FAULT_STEP_SECONDS=0.2)
@@ -168,13 +182,11 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
   print(f'SIGTERM to exit: {seconds:.2f} s (step {stopped})')
   assert seconds < 30
 
-  resumed = _Run(tmp_path / 'resume.log', data_dir, workdir)
-  assert resumed.wait() == 0, resumed.text()[-3000:]
-  assert f'Resuming from step {stopped} ' in resumed.text()
-  _assert_same_as_reference(workdir, data_dir, reference)
+  _resume_in_process(workdir, data_dir, reference, stopped, caplog)
 
 
-def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path):
+def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path,
+                                       caplog):
   """Killed before the first checkpoint, while training, during a save."""
   workdir = str(tmp_path / 'run')
   worker = 'tests/fault_worker.py'
@@ -203,11 +215,8 @@ def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path):
   assert _temporary(workdir)
   assert _store(workdir).latest_step() == 8
 
-  run = _Run(tmp_path / 'final.log', data_dir, workdir)
-  assert run.wait() == 0, run.text()[-3000:]
-  assert 'Resuming from step 8 ' in run.text()
+  _resume_in_process(workdir, data_dir, reference, 8, caplog)
   assert not _temporary(workdir)
-  _assert_same_as_reference(workdir, data_dir, reference)
 
 
 # --- Bad configurations -------------------------------------------------------
@@ -233,82 +242,73 @@ def _snapshot(path):
   return found
 
 
-BAD = {  # name: (flags, devices, message)
-    'batch': (['--config.batch_size=5'], 4,
-              'config.batch_size=5 must be divisible by the 2 data-parallel'),
-    'image': (['--config.image_size=66', '--config.resize_size=70'], 4,
-              'config.image_size=66 is too small.*use at least 67'),
-    'odd': ([], 3, 'this process has 3 devices, an odd number'),
-    'dataset': (['--config.dataset=no_such_dataset'], 4,
-                "Unknown dataset 'no_such_dataset'"),
-    'zero_interval': (['--config.checkpoint_every_steps=0'], 4,
-                      'config.checkpoint_every_steps=0 must be positive'),
-    'negative_interval': (['--config.eval_every_epochs=-1'], 4,
-                          'config.eval_every_epochs=-1.0 must be positive'),
-    'processes': (['--config.num_processes=2'], 4,
-                  'missing: config.coordinator_address, config.process_id'),
-}
-
-
-@pytest.fixture(scope='module')
-def refused(reference, data_dir, tmp_path_factory):
-  """All the bad runs, started at once (they overlap their start-up).
+def _main_in_process(workdir, config) -> str | int | None:
+  """What main.py exits with, run here (after flag parsing) to save time.
 
   Returns:
-    {name: {'code', 'log', 'before', 'after', 'exists'}}: exit code, output,
-    snapshots of the workdir before and after, and whether it exists.
+    The SystemExit code: a message, which Python prints before exiting
+    with status 1.
   """
-  tmp = tmp_path_factory.mktemp('refused')
-  runs, workdirs = {}, {}
-  for name, (flags, devices, _) in BAD.items():
-    workdirs[name] = str(tmp / name)
-    runs[name] = _Run(tmp / f'{name}.log', data_dir, workdirs[name], *flags,
-                      devices=devices)
-  # A workdir holding the reference's 10-class checkpoint, run on a folder
-  # of 3 classes.
-  _folder_of_three_classes(tmp / 'folder')
-  workdirs['classes'] = str(tmp / 'classes')
-  shutil.copytree(reference[0], workdirs['classes'])
-  before = {name: _snapshot(path) for name, path in workdirs.items()}
-  runs['classes'] = _Run(tmp / 'classes.log', data_dir, workdirs['classes'],
-                         '--config.dataset=folder', '--config.eval_split=test',
-                         f'--config.folder={tmp / "folder"}')
-  # Two processes whose workdirs are not one shared directory.
-  unshared = [workdirs['classes'], str(tmp / 'unshared')]
-  for i, run in enumerate(_two_processes(tmp, data_dir, unshared)):
-    runs[f'unshared{i}'] = run
-  results = {}
-  for name, run in runs.items():
-    path = workdirs.get(name)
-    results[name] = dict(
-        code=run.wait(), log=run.text(), before=before.get(name),
-        after=_snapshot(path) if path else None,
-        exists=path is not None and os.path.exists(path))
-  return results
+  with pytest.raises(SystemExit) as exit_:
+    main.run(config, str(workdir))
+  return exit_.value.code
 
 
-@pytest.mark.parametrize('name', sorted(BAD))
-def test_bad_config_is_refused_before_any_work(refused, name):
-  result = refused[name]
-  assert result['code'] != 0
-  assert re.search(f'error: .*{BAD[name][2]}', result['log']), (
-      result['log'][-3000:])
-  assert 'Traceback' not in result['log']
-  assert not result['exists']  # The workdir was never created.
+@pytest.mark.parametrize('overrides,message', [
+    (dict(batch_size=5),
+     'config.batch_size=5 must be divisible by the 2 data-parallel'),
+    (dict(image_size=66, resize_size=70),
+     'config.image_size=66 is too small.*use at least 67'),
+    (dict(num_devices=3), 'has 3 devices, an odd number'),
+    (dict(dataset='no_such_dataset'), "Unknown dataset 'no_such_dataset'"),
+    (dict(checkpoint_every_steps=0),
+     'config.checkpoint_every_steps=0 must be positive'),
+    (dict(eval_every_epochs=-1.0),
+     'config.eval_every_epochs=-1.0 must be positive'),
+    (dict(log_every_steps=-5), 'config.log_every_steps=-5 must be positive'),
+    (dict(num_processes=2),
+     'missing: config.coordinator_address, config.process_id'),
+])
+def test_bad_config_exits_with_its_message_and_no_workdir(
+    data_dir, tmp_path, overrides, message):
+  workdir = tmp_path / 'run'
+  code = _main_in_process(workdir, _tiny(data_dir, **overrides))
+  assert isinstance(code, str) and re.match(f'error: .*{message}', code), code
+  assert not workdir.exists()
 
 
-def test_checkpoint_of_other_classes_is_refused_untouched(refused):
-  result = refused['classes']
-  assert result['code'] != 0
-  assert re.search(r"error: .*'num_classes': 10.*'num_classes': 3",
-                   result['log']), result['log'][-3000:]
-  assert result['after'] == result['before']
+def test_bad_config_exits_non_zero_from_a_real_process(data_dir, tmp_path):
+  """An odd number of devices in the process (3) with model parallelism."""
+  workdir = tmp_path / 'run'
+  run = _Run(tmp_path / 'odd.log', data_dir, workdir, devices=3)
+  assert run.wait() == 1
+  assert re.search('error: .*this process has 3 devices, an odd number.*'
+                   'model_parallel=False', run.text()), run.text()[-3000:]
+  assert 'Traceback' not in run.text()
+  assert not workdir.exists()
 
 
-def test_workdir_not_shared_by_all_processes_fails_clearly(refused):
-  for i in range(2):
-    result = refused[f'unshared{i}']
-    assert result['code'] != 0
-    assert 'process 0: step 12, process 1: none' in result['log'], (
-        result['log'][-3000:])
-    assert 'a filesystem all processes share' in result['log']
+def test_checkpoint_of_other_classes_is_refused_untouched(
+    reference, data_dir, tmp_path):
+  _folder_of_three_classes(tmp_path / 'folder')
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  before = _snapshot(workdir)
+  code = _main_in_process(workdir, _tiny(
+      data_dir, dataset='folder', eval_split='test',
+      folder=str(tmp_path / 'folder')))
+  assert re.match(r"error: .*'num_classes': 10.*'num_classes': 3", code), code
+  assert _snapshot(workdir) == before
+
+
+def test_workdir_not_shared_by_all_processes_fails_clearly(
+    reference, data_dir, tmp_path):
+  """Process 0 sees the reference's checkpoint, process 1 an empty dir."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  runs = _two_processes(tmp_path, data_dir, [workdir, str(tmp_path / 'other')])
+  for run in runs:
+    assert run.wait() == 1, run.text()[-3000:]
+    assert (f'process 0: step {STEPS}, process 1: none' in run.text()
+            and 'a filesystem all processes share' in run.text()), (
+                run.text()[-3000:])
