@@ -38,8 +38,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch_size', type=int, default=128,
                       help='images per step, over all replicas')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps')
-  parser.add_argument('--warmup', type=int, default=2,
+  parser.add_argument('--steps', type=int, default=3, help='timed steps')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='alternating JAX / PyTorch measurements')
+  parser.add_argument('--warmup', type=int, default=1,
                       help='untimed steps after compilation')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32', help='JAX compute dtype')
@@ -148,27 +150,29 @@ class Bench:
                        out_axes=(0, 0, None), donate_argnums=(0, 1))
 
   def time_train(self, steps: int, warmup: int) -> float:
-    """Images/s of the training step."""
-    step = self.train_step_fn()
+    """Images/s of the training step (compiled on the first call)."""
+    if not hasattr(self, '_train_step'):
+      self._train_step = self.train_step_fn()
     state = [self.params, self.opt_state, self.key]
 
     def run():
       state[2], key = jax.random.split(state[2])
-      state[0], state[1], loss = step(state[0], state[1], self.images,
-                                      self.labels, key)
+      state[0], state[1], loss = self._train_step(
+          state[0], state[1], self.images, self.labels, key)
       return state[0], loss
 
-    jax.block_until_ready(run())  # Compiles.
+    jax.block_until_ready(run())  # Compiles on the first call.
     seconds = _time_steps(run, steps, warmup)
-    self.params, self.opt_state = state[0], state[1]
+    self.params, self.opt_state, self.key = state
     return self._images_per_step / seconds
 
   def time_eval(self, steps: int, warmup: int) -> float:
     """Images/s of the forward pass (dropout off)."""
-    net = self.net
-    forward = self.layout.pmap(
-        lambda p, x: net.apply({'params': p}, x, train=False))
-    run = lambda: forward(self.params, self.images)
+    if not hasattr(self, '_forward'):
+      net = self.net
+      self._forward = self.layout.pmap(
+          lambda p, x: net.apply({'params': p}, x, train=False))
+    run = lambda: self._forward(self.params, self.images)
     jax.block_until_ready(run())
     return self._images_per_step / _time_steps(run, steps, warmup)
 
@@ -177,34 +181,37 @@ class Bench:
     return self.images.shape[1] * self.layout.num_replicas
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-  return f'{a / b:6.2f}' if a and b else '     -'
-
-
-def _row(name: str, jax_value, torch_value, unit: str, fmt: str = '9.2f'):
-  show = lambda v: format(v, fmt) if v is not None else '        -'
-  ratio = _ratio(jax_value, torch_value)
-  if unit == 'ms':  # Lower is better: ratio as torch time / JAX time.
-    ratio = _ratio(torch_value, jax_value)
-  print(f'{name:<12} {show(jax_value)} {show(torch_value)}   {ratio}')
-
-
 def run_step_bench(args, layout: parallel.Layout, dtype, torch_ok: bool):
-  """Times train and eval, JAX then PyTorch, and prints the table."""
+  """Times train and eval, JAX and PyTorch alternating; prints a table.
+
+  The machine is shared: load changes over minutes, so each round times JAX
+  and then PyTorch back to back, and the table gives the medians over the
+  rounds of images/s and of the per-round ratios.
+  """
   bench = Bench(layout, args.batch_size, dtype)
-  jax_train = bench.time_train(args.steps, args.warmup)
-  jax_eval = bench.time_eval(args.steps, args.warmup)
-  torch_train = torch_eval = None
-  if torch_ok:
-    torch_train = peer_torch.measure_train(args.batch_size, args.steps,
-                                           args.warmup)
-    torch_eval = peer_torch.measure_eval(args.batch_size, args.steps,
-                                         args.warmup)
+  rows = {}
+  for name, jax_fn, torch_fn in (
+      ('train', bench.time_train, peer_torch.measure_train),
+      ('eval', bench.time_eval, peer_torch.measure_eval)):
+    jax_ips, torch_ips = [], []
+    for _ in range(args.rounds):
+      jax_ips.append(jax_fn(args.steps, args.warmup))
+      if torch_ok:
+        torch_ips.append(torch_fn(args.batch_size, args.steps, args.warmup))
+    rows[name] = (jax_ips, torch_ips)
   print(f'\nimages/s, batch {args.batch_size}, {args.steps} steps after '
-        f'{args.warmup} warm-up (ratio JAX/PyTorch, >1: JAX faster)')
-  print(f'{"":<12} {"JAX":>9} {"PyTorch":>9}   {"ratio":>6}')
-  _row('train', jax_train, torch_train, 'images/s')
-  _row('eval', jax_eval, torch_eval, 'images/s')
+        f'{args.warmup} warm-up, median of {args.rounds} rounds '
+        '(ratio JAX/PyTorch: median of per-round ratios, >1: JAX faster)')
+  print(f'{"":<8} {"JAX":>9} {"PyTorch":>9} {"ratio":>6}   per round')
+  for name, (jax_ips, torch_ips) in rows.items():
+    ratios = [j / t for j, t in zip(jax_ips, torch_ips)]
+    detail = ', '.join(f'{j:.1f}/{t:.1f}' for j, t in zip(jax_ips, torch_ips))
+    print(f'{name:<8} {_median(jax_ips, 9)} {_median(torch_ips, 9)} '
+          f'{_median(ratios, 6)}   {detail}')
+
+
+def _median(values: list[float], width: int) -> str:
+  return f'{np.median(values):{width}.2f}' if values else '-'.rjust(width)
 
 
 def main() -> None:

@@ -186,3 +186,26 @@ def test_max_pool_equals_flax_max_pool_ties_included(shape):
   # Overlapping windows add their cotangents in another order: ulps only.
   np.testing.assert_allclose(got_vjp(cotangent)[0], want_vjp(cotangent)[0],
                              rtol=1e-6, atol=1e-6)
+
+
+def test_strided_conv_blocks_equal_a_plain_convolution_gradients_included():
+  """conv1's patches-times-kernel path, over several blocks of images."""
+  conv = model.TowerConv(features=4, kernel_size=11, strides=4,
+                         padding='VALID', shared_input=True)
+  images = jax.random.normal(jax.random.key(0), (40, 35, 35, 3))
+  params = conv.init(jax.random.key(1), images[:1])['params']
+
+  def plain(params, x):
+    kernel = jnp.concatenate(list(params['kernel']), axis=-1)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (4, 4), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + params['bias'].reshape(-1)
+
+  got, got_vjp = jax.vjp(lambda p, x: conv.apply({'params': p}, x),
+                         params, images)
+  want, want_vjp = jax.vjp(plain, params, images)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  cotangent = jax.random.normal(jax.random.key(2), want.shape)
+  for g, w in zip(jax.tree.leaves(got_vjp(cotangent)),
+                  jax.tree.leaves(want_vjp(cotangent))):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
