@@ -53,6 +53,19 @@ def reference(data_dir, tmp_path_factory):
   return workdir, state
 
 
+_STARTED = []  # Every process a test starts, so that none outlives it.
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+  yield
+  while _STARTED:
+    process = _STARTED.pop()
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
 class _Run:
   """A main.py (or fault_worker.py) process logging to a file."""
 
@@ -69,6 +82,7 @@ class _Run:
     with open(log, 'w') as out:
       self.process = subprocess.Popen(command, cwd=REPO, env=environ,
                                       stdout=out, stderr=subprocess.STDOUT)
+    _STARTED.append(self.process)
 
   def text(self) -> str:
     with open(self.log) as f:
