@@ -184,12 +184,16 @@ def _stacked_normal(std: float):
   return init
 
 
-# Images per block of conv1 patches: 16 x 55 x 55 x 363 floats = 70 MB.
+# Images per block of patches: at most 16 x 55 x 55 x 363 floats = 70 MB.
 _PATCH_CHUNK = 16
 
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
-def _patches(x: Array, window: tuple[int, int], stride: int) -> Array:
-  """[N, H, W, C] -> [N, rows, cols, kh * kw * C] VALID strided patches."""
+
+def _patches(x: Array, window: tuple[int, int], stride: int,
+             pads: Pads) -> Array:
+  """[N, H, W, C] -> [N, rows, cols, kh * kw * C] strided patches."""
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   kh, kw = window
   rows = (x.shape[1] - kh) // stride + 1
   cols = (x.shape[2] - kw) // stride + 1
@@ -205,40 +209,63 @@ def _batch_chunks(x: Array) -> Array:
   return x.reshape(-1, chunk, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _patch_conv(x: Array, kernel: Array, stride: int) -> Array:
-  """A VALID strided convolution as patches times kernel, block by block.
+def _xla_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), pads,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-  For conv1 (11x11, stride 4, 3 input channels) XLA CPU's convolution, and
-  above all its weight gradient, is slow. At batch 128 on the 2-core CPU,
-  forward / weight gradient: 667 / 1543 ms as a convolution, 848 / 934 ms
-  as one matmul over patches of the whole batch (670 MB, written to fresh
-  pages), 461 / 580 ms with patches built 16 images at a time inside a loop
-  (buffers reused).
+
+def _conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
+  """XLA's convolution, or `_patch_grad_conv` where that measured faster.
+
+  Blocked patches win at conv1 (strided) and at the 3x3 convolutions on
+  13x13 maps (conv3-conv5: XLA's kernel gradient there is a convolution
+  with a 13x13 "kernel"); at conv2 (5x5 on 27x27) XLA's kernel gradient
+  is faster (688 vs 800 ms at batch 128).
   """
-  flat = kernel.reshape(-1, kernel.shape[-1])
-  window = kernel.shape[:2]
-  y = lax.map(lambda xc: _patches(xc, window, stride) @ flat,
-              _batch_chunks(x))
-  return y.reshape(x.shape[0], *y.shape[2:])
+  if stride > 1 or kernel.shape[0] <= 3:
+    return _patch_grad_conv(x, kernel, stride, pads)
+  return _xla_conv(x, kernel, stride, pads)
 
 
-def _patch_conv_fwd(x, kernel, stride):
-  return _patch_conv(x, kernel, stride), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patch_grad_conv(x: Array, kernel: Array, stride: int,
+                     pads: Pads) -> Array:
+  """A convolution whose kernel gradient is a matmul over patches.
+
+  XLA CPU computes kernel gradients as convolutions several times slower
+  than a matmul over explicit patches. Patches of the whole batch are big
+  (670 MB at conv1) and written to fresh pages, so they are built 16 images
+  at a time inside a loop that reuses its buffers. At batch 128 on the
+  2-core CPU, forward / kernel gradient in ms:
+    conv1 (11x11/4, 3 channels): 667 / 1543 as XLA convolutions,
+      848 / 934 as one matmul over all patches, 461 / 580 in blocks
+      (conv1's forward uses the blocks too: XLA's strided conv is slower);
+    conv3 (3x3, 256 -> 384, 13x13): kernel gradient 1050-1200 -> 475 ms,
+      forward + backward 1780-1860 -> 1180-1550 ms.
+  The input gradient stays XLA's transposed convolution.
+  """
+  if stride > 1:
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    y = lax.map(
+        lambda xc: _patches(xc, kernel.shape[:2], stride, pads) @ flat,
+        _batch_chunks(x))
+    return y.reshape(x.shape[0], *y.shape[2:])
+  return _xla_conv(x, kernel, stride, pads)
 
 
-def _patch_conv_bwd(stride, residuals, g):
+def _patch_grad_conv_fwd(x, kernel, stride, pads):
+  return _patch_grad_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _patch_grad_conv_bwd(stride, pads, residuals, g):
   x, kernel = residuals
-  # The input gradient as XLA's transposed convolution; dead code (dropped
-  # by XLA) when x is the image, as at conv1.
-  _, conv_vjp = jax.vjp(
-      lambda x: lax.conv_general_dilated(
-          x, kernel, (stride, stride), 'VALID',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC')), x)
+  # Dead code, dropped by XLA, where x is the image (conv1).
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, stride, pads), x)
 
   def add_block(total, block):
     xc, gc = block
-    patches = _patches(xc, kernel.shape[:2], stride)
+    patches = _patches(xc, kernel.shape[:2], stride, pads)
     return total + jnp.einsum('nhwp,nhwo->po', patches, gc,
                               preferred_element_type=jnp.float32), None
 
@@ -246,11 +273,11 @@ def _patch_conv_bwd(stride, residuals, g):
                    jnp.float32)
   kernel_grad, _ = lax.scan(add_block, zero,
                             (_batch_chunks(x), _batch_chunks(g)))
-  return conv_vjp(g)[0], kernel_grad.reshape(kernel.shape).astype(
+  return input_vjp(g)[0], kernel_grad.reshape(kernel.shape).astype(
       kernel.dtype)
 
 
-_patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+_patch_grad_conv.defvjp(_patch_grad_conv_fwd, _patch_grad_conv_bwd)
 
 
 class TowerConv(nn.Module):
@@ -294,11 +321,11 @@ class TowerConv(nn.Module):
     return y + bias.reshape(-1).astype(self.dtype)
 
   def _conv(self, x: Array, kernel: Array) -> Array:
-    if self.strides > 1 and self.padding == 'VALID':
-      return _patch_conv(x, kernel, self.strides)
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=(self.strides, self.strides),
-        padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    pads = self.padding
+    if isinstance(pads, str):
+      pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2],
+                                 (self.strides,) * 2, pads)
+    return _conv(x, kernel, self.strides, tuple(map(tuple, pads)))
 
 
 class TowerDense(nn.Module):

@@ -188,17 +188,21 @@ def test_max_pool_equals_flax_max_pool_ties_included(shape):
                              rtol=1e-6, atol=1e-6)
 
 
-def test_strided_conv_blocks_equal_a_plain_convolution_gradients_included():
-  """conv1's patches-times-kernel path, over several blocks of images."""
-  conv = model.TowerConv(features=4, kernel_size=11, strides=4,
-                         padding='VALID', shared_input=True)
-  images = jax.random.normal(jax.random.key(0), (40, 35, 35, 3))
+@pytest.mark.parametrize('kernel_size,strides,padding,size', [
+    (11, 4, 'VALID', 35), (3, 1, ((1, 1), (1, 1)), 7)])
+def test_blocked_patch_convolutions_equal_xla_gradients_included(
+    kernel_size, strides, padding, size):
+  """conv1's and the 3x3 layers' patch paths, over several image blocks."""
+  conv = model.TowerConv(features=4, kernel_size=kernel_size,
+                         strides=strides, padding=padding, shared_input=True)
+  images = jax.random.normal(jax.random.key(0), (40, size, size, 3))
   params = conv.init(jax.random.key(1), images[:1])['params']
 
   def plain(params, x):
     kernel = jnp.concatenate(list(params['kernel']), axis=-1)
     y = jax.lax.conv_general_dilated(
-        x, kernel, (4, 4), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        x, kernel, (strides, strides), padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return y + params['bias'].reshape(-1)
 
   got, got_vjp = jax.vjp(lambda p, x: conv.apply({'params': p}, x),
