@@ -104,9 +104,26 @@ class _Run:
       raise
 
 
-def _store(workdir):
-  return checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                 keep=2)
+class _Store:
+  """The workdir's checkpoints, closed after use: an open orbax manager
+  cleans up temporary directories in the background, and must not race
+  the next run doing the same."""
+
+  def __init__(self, workdir):
+    self.workdir = workdir
+
+  def __enter__(self) -> checkpoints.Checkpoints:
+    self.store = checkpoints.Checkpoints(
+        os.path.join(self.workdir, 'checkpoints'), keep=2)
+    return self.store
+
+  def __exit__(self, *exc):
+    self.store.close()
+
+
+def _latest(workdir):
+  with _Store(workdir) as store:
+    return store.latest_step()
 
 
 def _restore(workdir, data_dir):
@@ -114,9 +131,9 @@ def _restore(workdir, data_dir):
   state = train.create_train_state(config, train.create_model(config, 10))
   like = {'params': state.params, 'opt_state': state.opt_state,
           'plateau': state.plateau}
-  return _store(workdir).restore(
-      like, {'num_classes': 10, 'width': config.width,
-             'image_size': config.image_size})
+  with _Store(workdir) as store:
+    return store.restore(like, {'num_classes': 10, 'width': config.width,
+                                'image_size': config.image_size})
 
 
 def _assert_same_as_reference(workdir, data_dir, reference, exact=True):
@@ -171,7 +188,7 @@ def _resume_in_process(workdir, data_dir, reference, step, caplog):
   state = train.train_and_evaluate(_tiny(data_dir), workdir)
   assert f'Resuming from step {step} ' in caplog.text
   _, want = reference
-  assert state.step == want.step == _store(workdir).latest_step()
+  assert state.step == want.step == _latest(workdir)
   jax.tree.map(np.testing.assert_array_equal,
                (state.params, state.opt_state), (want.params, want.opt_state))
 
@@ -190,11 +207,12 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
   assert run.wait() == 0, run.text()[-3000:]
   seconds = time.monotonic() - sent
   stopped = int(re.search(r'Stopped after step (\d+)', run.text())[1])
-  assert 3 <= stopped < STEPS
-  assert _store(workdir).latest_step() == stopped
+  assert 3 <= stopped < STEPS, run.text()[-3000:]
+  assert _latest(workdir) == stopped
   assert not _temporary(workdir)
   print(f'SIGTERM to exit: {seconds:.2f} s (step {stopped})')
-  assert seconds < 30
+  # Typically 2-4 s here; the bound is loose for a loaded CI machine.
+  assert seconds < 120, run.text()[-3000:]
 
   _resume_in_process(workdir, data_dir, reference, stopped, caplog)
 
@@ -212,22 +230,22 @@ def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path,
 
   # Before the first checkpoint (step 2) is written.
   run = killed('before_first', FAULT_KILL='save:2')
-  assert run.wait() == -signal.SIGKILL
-  assert _store(workdir).latest_step() is None
+  assert run.wait() == -signal.SIGKILL, run.text()[-3000:]
+  assert _latest(workdir) is None
 
   # From outside, at whatever point training has reached.
   run = killed('training', FAULT_STEP_SECONDS=0.1)
   run.wait_for(f'step 5/{STEPS}')
   run.process.kill()
-  assert run.wait() == -signal.SIGKILL
-  assert 2 <= _store(workdir).latest_step() < STEPS
+  assert run.wait() == -signal.SIGKILL, run.text()[-3000:]
+  latest = _latest(workdir)  # None if step 2 was still saving.
+  assert latest is None or latest < STEPS, run.text()[-3000:]
 
   # During the asynchronous save of step 10: its files are written to a
   # temporary directory that is never renamed.
   run = killed('saving', FAULT_KILL='commit:10')
-  assert run.wait() == -signal.SIGKILL
-  assert _temporary(workdir)
-  assert _store(workdir).latest_step() == 8
+  assert run.wait() == -signal.SIGKILL, run.text()[-3000:]
+  assert _temporary(workdir), os.listdir(os.path.join(workdir, 'checkpoints'))
 
   _resume_in_process(workdir, data_dir, reference, 8, caplog)
   assert not _temporary(workdir)
