@@ -218,12 +218,14 @@ def _xla_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
 def _conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
   """XLA's convolution, or `_patch_grad_conv` where that measured faster.
 
-  Blocked patches win at conv1 (strided) and at the 3x3 convolutions on
-  13x13 maps (conv3-conv5: XLA's kernel gradient there is a convolution
-  with a 13x13 "kernel"); at conv2 (5x5 on 27x27) XLA's kernel gradient
-  is faster (688 vs 800 ms at batch 128).
+  On the CPU, blocked patches win at conv1 (strided) and at the 3x3
+  convolutions on 13x13 maps (conv3-conv5: XLA's kernel gradient there is a
+  convolution with a 13x13 "kernel"); at conv2 (5x5 on 27x27) XLA's kernel
+  gradient is faster (688 vs 800 ms at batch 128). GPUs and TPUs have fast
+  convolutions of their own (cuDNN, the MXU): they always take XLA's.
   """
-  if stride > 1 or kernel.shape[0] <= 3:
+  on_cpu = jax.default_backend() == 'cpu'
+  if on_cpu and (stride > 1 or kernel.shape[0] <= 3):
     return _patch_grad_conv(x, kernel, stride, pads)
   return _xla_conv(x, kernel, stride, pads)
 
