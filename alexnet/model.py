@@ -282,6 +282,16 @@ def _patch_grad_conv_bwd(stride, pads, residuals, g):
 _patch_grad_conv.defvjp(_patch_grad_conv_fwd, _patch_grad_conv_bwd)
 
 
+def _tower_params(module: nn.Module,
+                  kernel_shape: tuple[int, ...]) -> tuple[Array, Array]:
+  """A layer's kernel [towers, *kernel_shape] and bias [towers, out]."""
+  kernel = module.param('kernel', _stacked_normal(module.std),
+                        (module.towers, *kernel_shape))
+  bias = module.param('bias', nn.initializers.constant(module.bias),
+                      (module.towers, kernel_shape[-1]))
+  return kernel, bias
+
+
 class TowerConv(nn.Module):
   """One convolution per tower; kernels stacked [towers, kh, kw, in, out].
 
@@ -305,11 +315,8 @@ class TowerConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_features = x.shape[-1] if self.shared_input else x.shape[-1] // self.towers
-    kernel = self.param('kernel', _stacked_normal(self.std),
-                        (self.towers, self.kernel_size, self.kernel_size,
-                         in_features, self.features))
-    bias = self.param('bias', nn.initializers.constant(self.bias),
-                      (self.towers, self.features))
+    kernel, bias = _tower_params(
+        self, (self.kernel_size, self.kernel_size, in_features, self.features))
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
     if self.shared_input:
@@ -341,10 +348,7 @@ class TowerDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param('kernel', _stacked_normal(self.std),
-                        (self.towers, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.constant(self.bias),
-                      (self.towers, self.features))
+    kernel, bias = _tower_params(self, (x.shape[-1], self.features))
     # [towers, in, out] -> [in, towers * out]: one matmul for all towers.
     wide = jnp.moveaxis(kernel, 0, 1).reshape(x.shape[-1], -1)
     y = jnp.dot(x.astype(self.dtype), wide.astype(self.dtype))
