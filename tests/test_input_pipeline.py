@@ -96,7 +96,7 @@ def test_config_choices_and_batch_size_are_refused(tmp_path, folder):
     ip.create_train_iterator(config, replicas=[3], num_replicas=3)
 
 
-# --- Training iterator ---------------------------------------------------------
+# --- Training iterator --------------------------------------------------------
 
 
 def test_train_batches_shapes_and_one_epoch_is_a_permutation(tmp_path,
@@ -293,7 +293,7 @@ def test_uint8_eval_squares_on_device_equal_the_float_views(tmp_path):
       np.testing.assert_allclose(found, expected, rtol=0, atol=1e-4)
 
 
-# --- Evaluation -----------------------------------------------------------------
+# --- Evaluation ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize('process_count', [1, 2])

@@ -3,9 +3,10 @@
 The paper (section 2) subtracts the per-pixel mean image of the training set
 and (section 4.1) adds "fancy PCA" lighting noise along the eigenvectors of
 the 3x3 covariance of RGB values over the training set. Following
-docs/REFERENCE.md (Data), the mean is kept on the 0-255 scale and the covariance is
-computed on [0,1]-scaled pixels (so eigenvalues are comparable with the
-published ImageNet values below; the pipeline multiplies the shift by 255).
+docs/REFERENCE.md (Data), the mean is kept on the 0-255 scale and the
+covariance is computed on [0,1]-scaled pixels (so eigenvalues are comparable
+with the published ImageNet values below; the pipeline multiplies the shift
+by 255).
 
 Statistics are accumulated in float64 from batches of images that were
 already resized and centre-cropped to resize_size, and cached as one .npz
@@ -27,8 +28,8 @@ from alexnet.data import ops
 from alexnet.data import sources
 
 # ImageNet's published values on [0,1]-scaled pixels (fb.resnet.torch;
-# docs/REFERENCE.md, Data): eigenvalues in descending order and eigenvectors as columns
-# (rows are R, G, B).
+# docs/REFERENCE.md, Data): eigenvalues in descending order and eigenvectors
+# as columns (rows are R, G, B).
 IMAGENET_EIGVALS = np.array([0.2175, 0.0188, 0.0045])
 IMAGENET_EIGVECS = np.array([[-0.5675, 0.7192, 0.4009],
                              [-0.5808, -0.0045, -0.8140],

@@ -60,25 +60,33 @@ def train_examples(config: ml_collections.ConfigDict, source: sources.Source,
   buffer = local_examples if source.cheap_elements else min(
       max(1, config.shuffle_buffer // num_replicas), local_examples)
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
-  resize, size = config.resize_size, config.image_size
-  centre = tf.fill([local_examples, 2], (resize - size) // 2)
 
   def epoch_examples(epoch):
     ds = indexed.shuffle(buffer, seed=config.seed * 1_000_003 + epoch,
                          reshuffle_each_iteration=False).take(per_epoch)
     # Resuming skips undecoded records of the first epoch only.
     skip = tf.where(epoch == start_epoch, skip_steps * batch, 0)
-    draws = ops.draw_augmentation(
-        ops.epoch_key(config.seed, epoch, replica), local_examples, resize,
-        size, config.pca_sigma, *lighting)
-    offsets = draws.offsets if config.random_crop else centre
-    flips = draws.flips & config.random_flip
+    offsets, flips, shifts = _epoch_draws(config, lighting, epoch, replica,
+                                          local_examples)
 
     def attach(i, example):
       data, label = example
       return (data, label, tf.gather(offsets, i), tf.gather(flips, i),
-              tf.gather(draws.shifts, i))
+              tf.gather(shifts, i))
 
     return ds.skip(tf.cast(skip, tf.int64)).map(attach)
 
   return tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
+
+
+def _epoch_draws(config: ml_collections.ConfigDict,
+                 lighting: tuple[np.ndarray, np.ndarray], epoch: tf.Tensor,
+                 replica: int, n: int) -> tuple[tf.Tensor, ...]:
+  """(offsets, flips, shifts) of one epoch, with the switches applied."""
+  resize, size = config.resize_size, config.image_size
+  draws = ops.draw_augmentation(ops.epoch_key(config.seed, epoch, replica),
+                                n, resize, size, config.pca_sigma, *lighting)
+  offsets = draws.offsets
+  if not config.random_crop:
+    offsets = tf.fill([n, 2], (resize - size) // 2)
+  return offsets, draws.flips & config.random_flip, draws.shifts

@@ -202,7 +202,7 @@ def _catalogue_source(config: Config) -> Source:
   return tfds_source(builder, f'{builder.name}-{builder.version}')
 
 
-# --- Image folders --------------------------------------------------------------
+# --- Image folders ------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
