@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from alexnet import checkpoints
 from alexnet import distributed
-import input_pipeline
+from alexnet import errors
 import train
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 _QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/')
 
 # Errors that mean "fix the command", shown without a traceback.
-_USER_ERRORS = (train.ConfigError, input_pipeline.DatasetError,
+_USER_ERRORS = (train.ConfigError, errors.UserError,
                 checkpoints.IncompatibleCheckpointError,
                 checkpoints.UnsharedWorkdirError,
                 distributed.DistributedConfigError, FloatingPointError)

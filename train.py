@@ -30,6 +30,7 @@ from alexnet import distributed
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import pictures
+from alexnet.data import on_device
 import input_pipeline
 
 PyTree = Any
@@ -262,8 +263,7 @@ class Schedule:
              info: input_pipeline.DatasetInfo,
              num_replicas: int = 1) -> 'Schedule':
     # Each replica reads its own slice of the data (see `_train_batches`).
-    per_epoch = input_pipeline.steps_per_epoch(config, info,
-                                               process_count=num_replicas)
+    per_epoch = input_pipeline.steps_per_epoch(config, info, num_replicas)
     total = (config.num_train_steps if config.num_train_steps > 0
              else math.ceil(config.num_epochs * per_epoch))
     eval_every = max(1, round(config.eval_every_epochs * per_epoch))
@@ -339,23 +339,36 @@ def _train_batches(config: ml_collections.ConfigDict, layout: parallel.Layout,
                    start_step: int) -> Iterator[PyTree]:
   """This process's training batches, [local replicas, per replica, ...].
 
-  Every data-parallel replica reads its own slice of the training split
-  with its own random draws (the input pipeline's per-process sharding,
-  applied per replica), so replica r sees the same images whether it runs
-  in this process or another: the run does not depend on how the replicas
-  are spread over processes. config.shuffle_buffer is shared out among all
-  replicas (a layout-independent share), so all buffers together hold at
-  most that many examples.
+  One input pipeline feeds all of this process's data-parallel replicas;
+  replica r reads its own slice with its own random draws, so the run does
+  not depend on how the replicas are spread over processes. The uint8
+  batches are made float here, on the default device, until `train_step`
+  applies `on_device.train_images` itself.
   """
-  replicas = _local_replicas(layout)
-  config = config.copy_and_resolve_references()
-  config.shuffle_buffer = max(1, config.shuffle_buffer // layout.num_replicas)
-  iterators = [input_pipeline.create_train_iterator(
-      config, num_shards=1, start_step=start_step, process_index=replica,
-      process_count=layout.num_replicas) for replica in replicas]
-  while True:
-    parts = [next(iterator) for iterator in iterators]
-    yield jax.tree.map(lambda *x: np.concatenate(x), *parts)
+  mean = jnp.asarray(input_pipeline.mean_image(config))
+  to_float = jax.jit(jax.vmap(lambda batch: {
+      'image': on_device.train_images(batch, mean), 'label': batch['label']}))
+  for batch in input_pipeline.create_train_iterator(
+      config, replicas=_local_replicas(layout),
+      num_replicas=layout.num_replicas, start_step=start_step):
+    yield jax.device_get(to_float(batch))
+
+
+def _eval_batches(config: ml_collections.ConfigDict, layout: parallel.Layout,
+                  split: str) -> list[PyTree]:
+  """One split's evaluation batches with float views.
+
+  The views are cut on the default device, until `eval_step` applies
+  `on_device.eval_images` itself.
+  """
+  mean = jnp.asarray(input_pipeline.mean_image(config))
+  to_views = jax.jit(jax.vmap(lambda batch: dict(batch, image=(
+      on_device.eval_images(batch, mean, config.image_size,
+                            config.ten_crop)))))
+  return [jax.device_get(to_views(batch)) for batch in
+          input_pipeline.create_eval_iterable(
+              config, split, replicas=_local_replicas(layout),
+              num_replicas=layout.num_replicas)]
 
 
 def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
@@ -501,8 +514,7 @@ def _train_loop(run: _Run, state: TrainState,
   towers = layout.shard_towers({'params': state.params,
                                 'opt_state': state.opt_state})
   batches = _prefetch(_train_batches(config, layout, state.step), layout)
-  eval_sets = {split: input_pipeline.create_eval_iterable(
-      config, split, num_shards=layout.num_local_replicas)
+  eval_sets = {split: _eval_batches(config, layout, split)
                for split in run.info.num_eval_examples}
   progress = _Progress(config, schedule, state.step, writer)
   logging.info('%s; %d steps of %d images (%d per epoch), evaluating every '

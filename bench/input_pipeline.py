@@ -1,118 +1,170 @@
-"""Training input throughput on 256x256 JPEGs: tf.data vs a plain PIL loop.
+"""Would a GPU host be fed? Training input throughput and bytes to the device.
 
-Writes 512 random-ish 256x256 JPEGs to a temporary folder dataset, then
-times, in one run, the training pipeline (fused decode-and-crop to 227,
-reflection, PCA lighting, mean subtraction, batching) on one thread and on
-all cores, and a PIL loop doing the same work per image. Target: >= 1,000
-images/s per core for tf.data.
+Writes generated JPEGs (smooth colour plus noise, quality 90) as folder
+datasets: full-size ImageNet-like photos (500x375) and pre-resized 256x256
+squares. For each, in one run, times the training pipeline's uint8 path
+(decode, crop, flip, PCA draw; what `input_pipeline.train_dataset` ships)
+side by side with the float path it replaced (the same plus mean
+subtraction and the lighting shift on the host, float32 out), on one
+tf.data thread (images/s per core) and on all cores. Then prints the bytes
+per image sent to the device by training and by 10-crop evaluation, uint8
+against float32.
 
-    /work/venv/bin/python -m bench.input_pipeline
+    python bench/input_pipeline.py
 """
 
 import os
+import sys
 import tempfile
 import time
 
+# Runnable as `python bench/input_pipeline.py` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import ml_collections
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 
+from alexnet.data import colour
+from alexnet.data import epochs
+from alexnet.data import on_device
+from alexnet.data import ops
+from alexnet.data import sources
 from configs import alexnet
 import input_pipeline
 
-NUM_IMAGES = 512
-SIDE = 256
+# (name, width, height, images): ImageNet's typical photo, and the paper's
+# pre-resized squares.
+IMAGE_SETS = (('full-size 500x375', 500, 375, 256),
+              ('pre-resized 256x256', 256, 256, 512))
+EPOCHS = 3
 
 
-def write_jpegs(root: str) -> list[str]:
-  """Writes NUM_IMAGES smooth-plus-noise JPEGs as root/train/<class>/."""
+def write_jpegs(root: str, width: int, height: int, count: int) -> None:
+  """Writes `count` photo-like JPEGs as root/train/class<i % 4>/<i>.jpg."""
   rng = np.random.default_rng(0)
-  paths = []
-  y, x = np.mgrid[0:SIDE, 0:SIDE] / SIDE
-  for i in range(NUM_IMAGES):
+  y, x = np.mgrid[0:height, 0:width] / max(width, height)
+  for i in range(count):
     class_dir = os.path.join(root, 'train', f'class{i % 4}')
     os.makedirs(class_dir, exist_ok=True)
-    # Photo-like content (gradients + texture) so JPEG sizes are realistic.
+    # Gradients plus texture, so JPEG sizes are realistic (~100 KB at 500px).
     phase = rng.uniform(0, 2 * np.pi, 3)
     base = np.stack([np.sin(6 * x + 4 * y + p) for p in phase], -1)
-    pixels = 127 + 80 * base + rng.normal(0, 20, (SIDE, SIDE, 3))
-    path = os.path.join(class_dir, f'{i:04d}.jpg')
+    pixels = 127 + 80 * base + rng.normal(0, 20, (height, width, 3))
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-        path, quality=90)
-    paths.append(path)
-  return paths
+        os.path.join(class_dir, f'{i:04d}.jpg'), quality=90)
 
 
-def time_pipeline(config, threads: int | None,
-                  num_batches: int) -> tuple[float, float]:
-  """Images per wall second and per CPU second (after two warm-up batches).
+def float_dataset(config: ml_collections.ConfigDict,
+                  threads: int | None) -> tf.data.Dataset:
+  """The float pipeline the uint8 wire replaced, from the same ops."""
+  source = sources.make_source(config)
+  stats = colour.colour_stats(config, source)
+  mean = tf.constant(colour.mean_image(stats, config.mean))
+  steps = input_pipeline.steps_per_epoch(
+      config, input_pipeline.get_dataset_info(config), 1)
+  size, resize = config.image_size, config.resize_size
 
-  The CPU-second figure is this process's CPU time, so it stays meaningful
-  when other jobs share the machine.
-  """
-  ds = input_pipeline.train_dataset(config, num_shards=1, threads=threads)
+  def augment(data, label, offset, flip, shift):
+    image = tf.cast(ops.decode_crop(source.read(data), resize, size, offset),
+                    tf.float32)
+    image -= ops.crop(mean, offset, size)
+    return {'image': ops.flip_if(image, flip) + shift, 'label': label}
+
+  ds = epochs.train_examples(
+      config, source, colour.lighting_components(stats, config.pca_stats),
+      replica=0, num_replicas=1, steps_per_epoch=steps)
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(
+      tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
+
+
+def images_per_second(ds: tf.data.Dataset, batch_size: int,
+                      num_batches: int) -> float:
+  """Images per wall second, after two warm-up batches."""
   iterator = ds.as_numpy_iterator()
   for _ in range(2):
     next(iterator)
-  wall, cpu = time.perf_counter(), time.process_time()
+  start = time.perf_counter()
   for _ in range(num_batches):
     next(iterator)
-  images = num_batches * config.batch_size
-  return (images / (time.perf_counter() - wall),
-          images / (time.process_time() - cpu))
+  return num_batches * batch_size / (time.perf_counter() - start)
 
 
-def time_pil(paths: list[str], mean: np.ndarray, eigvals: np.ndarray,
-             eigvecs: np.ndarray, image_size: int,
-             passes: int = 2) -> tuple[float, float]:
-  """Images per wall and CPU second of the same work in a PIL loop."""
-  rng = np.random.default_rng(0)
-  wall, cpu = time.perf_counter(), time.process_time()
-  for _ in range(passes):
-    for path in paths:
-      top, left = rng.integers(0, SIDE - image_size + 1, 2)
-      with Image.open(path) as image:
-        window = image.convert('RGB').crop(
-            (left, top, left + image_size, top + image_size))
-      pixels = np.asarray(window, np.float32)
-      pixels = pixels - mean[top:top + image_size, left:left + image_size]
-      if rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-      alpha = rng.normal(0, 0.1, 3)
-      pixels = pixels + (255 * eigvecs @ (alpha * eigvals)).astype(np.float32)
-      np.ascontiguousarray(pixels)
-  images = passes * len(paths)
-  return (images / (time.perf_counter() - wall),
-          images / (time.process_time() - cpu))
+def throughput(config: ml_collections.ConfigDict,
+               count: int) -> dict[tuple[str, str], float]:
+  """{(path, threads): images/s} for the uint8 and float paths."""
+  num_batches = EPOCHS * count // config.batch_size - 2
+  rates = {}
+  for threads, label in ((1, '1 thread'), (None, 'all cores')):
+    uint8 = input_pipeline.train_dataset(config, replicas=[0], num_replicas=1,
+                                         threads=threads)
+    rates['uint8', label] = images_per_second(uint8, config.batch_size,
+                                              num_batches)
+    rates['float', label] = images_per_second(
+        float_dataset(config, threads), config.batch_size, num_batches)
+  return rates
+
+
+def bytes_per_image(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Bytes per image the device receives: train and 10-crop eval batches."""
+  def per_image(batch):
+    return sum(v.nbytes for v in batch.values()) / batch['label'].size
+
+  train = next(input_pipeline.create_train_iterator(config, replicas=[0],
+                                                    num_replicas=1))
+  old_train = next(float_dataset(config, None).as_numpy_iterator())
+  squares = next(iter(input_pipeline.create_eval_iterable(
+      config, 'eval', replicas=[0], num_replicas=1)))
+  # Before, the host cut the 10 float views and shipped them.
+  views = jax.device_get(on_device.eval_images(
+      {'image': squares['image'][0]}, colour.mean_image(
+          colour.colour_stats(config, sources.make_source(config)),
+          config.mean), config.image_size, True))
+  old_eval = {'image': views, 'label': squares['label'],
+              'mask': squares['mask']}
+  return {'train uint8': per_image(train),
+          'train float32': per_image(old_train),
+          'eval 10-crop uint8 squares': per_image(squares),
+          'eval 10-crop float32 views': per_image(old_eval)}
 
 
 def main() -> None:
   cores = os.cpu_count()
-  with tempfile.TemporaryDirectory() as root:
-    paths = write_jpegs(root)
-    config = alexnet.get_config()
-    config.update(dict(dataset='folder', folder=root,
-                       data_dir=os.path.join(root, 'data'),
-                       train_split='train', eval_split='train',
-                       shuffle_buffer=NUM_IMAGES))
-    source = input_pipeline.make_source(config)
-    stats = input_pipeline.colour_stats(config, source)  # Not timed.
-    num_batches = 4 * NUM_IMAGES // config.batch_size  # Four epochs.
-    one = time_pipeline(config, 1, num_batches)
-    every = time_pipeline(config, None, num_batches)
-    pil = time_pil(paths, stats.mean_image, stats.eigvals, stats.eigvecs,
-                   config.image_size)
-  print(f'{NUM_IMAGES} JPEGs {SIDE}x{SIDE} -> {config.image_size} crops, '
-        f'flip, PCA lighting, mean image; batch {config.batch_size}; '
-        f'{cores} cores; load average {os.getloadavg()[0]:.1f}.')
-  print(f'{"":24s} {"images/s":>9s} {"per CPU-s":>10s}')
-  print(f'{"tf.data, 1 thread":24s} {one[0]:9.0f} {one[1]:10.0f}')
-  print(f'{f"tf.data, all {cores} cores":24s} {every[0]:9.0f} {every[1]:10.0f}'
-        f'   ({every[0] / cores:.0f} images/s per core)')
-  print(f'{"PIL loop, 1 thread":24s} {pil[0]:9.0f} {pil[1]:10.0f}')
-  print(f'tf.data 1 thread / PIL: {one[0] / pil[0]:.2f}x wall, '
-        f'{one[1] / pil[1]:.2f}x per CPU-s')
-  print('target >= 1000 images/s per core: '
-        f'{"met" if one[0] >= 1000 else "NOT met"} (1 thread, wall)')
+  print(f'{cores} cores, load average {os.getloadavg()[0]:.1f}; batch 128, '
+        '227 crops of 256 squares, flip, PCA lighting, pixel mean.')
+  print(f'{"images":22s} {"path":6s} {"1 thread":>9s} {"all cores":>10s} '
+        f'{"per core":>9s}')
+  for name, width, height, count in IMAGE_SETS:
+    with tempfile.TemporaryDirectory() as root:
+      write_jpegs(root, width, height, count)
+      config = alexnet.get_config()
+      config.update(dict(dataset='folder', folder=root,
+                         data_dir=os.path.join(root, 'data'),
+                         train_split='train', eval_split='train[:128]'))
+      input_pipeline.mean_image(config)  # Colour statistics, not timed.
+      rates = throughput(config, count)
+      if name == IMAGE_SETS[-1][0]:
+        sizes = bytes_per_image(config)
+    for path in ('uint8', 'float'):
+      one, every = rates[path, '1 thread'], rates[path, 'all cores']
+      print(f'{name:22s} {path:6s} {one:9.0f} {every:10.0f} '
+            f'{every / cores:9.0f}')
+    ratios = [rates['uint8', t] / rates['float', t]
+              for t in ('1 thread', 'all cores')]
+    print(f'{"":22s} uint8 / float: {ratios[0]:.2f}x (1 thread), '
+          f'{ratios[1]:.2f}x (all cores)')
+  print('Bytes per image sent to the device (targets: train <= 160 KB, '
+        '10-crop eval <= 200 KB):')
+  for name, size in sizes.items():
+    print(f'  {name:28s} {size / 1024:9.1f} KB')
 
 
 if __name__ == '__main__':

@@ -83,6 +83,9 @@ def paper_config() -> ml_collections.ConfigDict:
   config.pca_stats = 'dataset'
   # Random horizontal reflections in training (paper: yes).
   config.random_flip = True
+  # Random image_size crops in training (paper: yes, section 4.1); False
+  # trains on the centre crop only.
+  config.random_crop = True
   # Evaluate the paper's 10 crops (corners + centre, and reflections) with
   # softmax averaging, besides the centre crop.
   config.ten_crop = True

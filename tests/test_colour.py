@@ -1,9 +1,9 @@
-"""Tests of alexnet/colour.py: mean image, RGB eigen-decomposition, cache."""
+"""Tests of alexnet/data/colour.py: mean image, RGB eigenvectors, cache."""
 
 import numpy as np
 import pytest
 
-from alexnet import colour
+from alexnet.data import colour
 
 
 def test_mean_image_matches_numpy_over_batches():
@@ -75,3 +75,20 @@ def test_cache_round_trip_and_path(tmp_path):
 def test_empty_accumulator_raises():
   with pytest.raises(ValueError, match='No images'):
     colour.StatsAccumulator(4).result()
+
+
+def test_mean_and_lighting_choices():
+  accumulator = colour.StatsAccumulator(2)
+  accumulator.update(np.arange(24.0).reshape(2, 2, 2, 3))
+  stats = accumulator.result()
+  np.testing.assert_array_equal(colour.mean_image(stats, 'pixel'),
+                                stats.mean_image)
+  channel = colour.mean_image(stats, 'channel')
+  assert channel.shape == (2, 2, 3) and channel.flags.writeable
+  np.testing.assert_array_equal(channel, np.broadcast_to(stats.channel_mean,
+                                                         (2, 2, 3)))
+  eigvals, eigvecs = colour.lighting_components(stats, 'dataset')
+  assert eigvals is stats.eigvals and eigvecs is stats.eigvecs
+  eigvals, eigvecs = colour.lighting_components(stats, 'imagenet')
+  assert eigvals is colour.IMAGENET_EIGVALS
+  assert eigvecs is colour.IMAGENET_EIGVECS

@@ -1,10 +1,10 @@
-"""Tests of the offline digits builder (alexnet/digits.py)."""
+"""Tests of the offline digits builder (alexnet/data/digits.py)."""
 
 import numpy as np
 from sklearn import datasets
 import tensorflow_datasets as tfds
 
-from alexnet import digits
+from alexnet.data import digits
 
 
 def test_split_is_fixed_disjoint_and_covering():

@@ -76,7 +76,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built by hand: `dataset_info_from_configs` needs the builder to live in
-    # a TFDS dataset package (ENGINEERING.md).
+    # a TFDS dataset package, which this module is not.
     return tfds.core.DatasetInfo(
         builder=self,
         description=(

@@ -3,13 +3,15 @@
 The paper (section 2) subtracts the per-pixel mean image of the training set
 and (section 4.1) adds "fancy PCA" lighting noise along the eigenvectors of
 the 3x3 covariance of RGB values over the training set. Following
-REFERENCE.md, the mean is kept on the 0-255 scale and the covariance is
-computed on [0,1]-scaled pixels (so eigenvalues are comparable with the
-published ImageNet values below; the pipeline multiplies the shift by 255).
+docs/REFERENCE.md (Data), the mean is kept on the 0-255 scale and the
+covariance is computed on [0,1]-scaled pixels (so eigenvalues are comparable
+with the published ImageNet values below; the pipeline multiplies the shift
+by 255).
 
 Statistics are accumulated in float64 from batches of images that were
 already resized and centre-cropped to resize_size, and cached as one .npz
-per (dataset, split, resize_size), see `cache_path`.
+per (dataset, split, resize_size), see `cache_path`; `colour_stats` reads the
+cache or computes it from a source.
 """
 
 import dataclasses
@@ -17,11 +19,17 @@ import os
 import re
 import tempfile
 
+from absl import logging
+import ml_collections
 import numpy as np
+import tensorflow as tf
+
+from alexnet.data import ops
+from alexnet.data import sources
 
 # ImageNet's published values on [0,1]-scaled pixels (fb.resnet.torch;
-# REFERENCE.md): eigenvalues in descending order and eigenvectors as columns
-# (rows are R, G, B).
+# docs/REFERENCE.md, Data): eigenvalues in descending order and eigenvectors
+# as columns (rows are R, G, B).
 IMAGENET_EIGVALS = np.array([0.2175, 0.0188, 0.0045])
 IMAGENET_EIGVECS = np.array([[-0.5675, 0.7192, 0.4009],
                              [-0.5808, -0.0045, -0.8140],
@@ -160,3 +168,82 @@ def load(path: str) -> ColourStats | None:
     fields = {f.name: data[f.name] for f in dataclasses.fields(ColourStats)}
   fields['num_examples'] = int(fields['num_examples'])
   return ColourStats(**fields)
+
+
+def compute(source: sources.Source, split: str,
+            resize_size: int) -> ColourStats:
+  """One pass over `split` (centre squares, resized) accumulating stats.
+
+  Args:
+    source: the data.
+    split: a split spec of the source.
+    resize_size: side of the squares.
+
+  Returns:
+    The statistics.
+  """
+  ds = source.examples(split).map(
+      lambda data, label: ops.decode_centre_square(source.read(data),
+                                                   resize_size),
+      num_parallel_calls=tf.data.AUTOTUNE).batch(64).prefetch(
+          tf.data.AUTOTUNE)
+  accumulator = StatsAccumulator(resize_size)
+  for images in ds.as_numpy_iterator():
+    accumulator.update(images)
+  return accumulator.result()
+
+
+def colour_stats(config: ml_collections.ConfigDict,
+                 source: sources.Source) -> ColourStats:
+  """The training split's colour statistics, from the cache or computed.
+
+  Args:
+    config: uses train_split, resize_size, data_dir.
+    source: the data.
+
+  Returns:
+    The statistics (cached under `cache_path`; recomputed when the cached
+    example count or size does not match).
+  """
+  path = cache_path(sources.data_root(config), source.tag,
+                    config.train_split, config.resize_size)
+  expected = sources.num_examples(source, config.train_split)
+  stats = load(path)
+  if (stats is None or stats.num_examples != expected or
+      stats.mean_image.shape[0] != config.resize_size):
+    logging.info('Computing colour statistics of %s %s (%d images) -> %s',
+                 source.tag, config.train_split, expected, path)
+    stats = compute(source, config.train_split, config.resize_size)
+    save(path, stats)
+  return stats
+
+
+def mean_image(stats: ColourStats, mean: str) -> np.ndarray:
+  """The image subtracted from every input.
+
+  Args:
+    stats: the training split's statistics.
+    mean: `config.mean`, 'pixel' (the paper's mean image) or 'channel'.
+
+  Returns:
+    float32 [resize_size, resize_size, 3], 0-255 scale.
+  """
+  if mean == 'pixel':
+    return stats.mean_image
+  return np.broadcast_to(stats.channel_mean, stats.mean_image.shape).copy()
+
+
+def lighting_components(
+    stats: ColourStats, pca_stats: str) -> tuple[np.ndarray, np.ndarray]:
+  """(eigvals, eigvecs) the PCA lighting uses.
+
+  Args:
+    stats: the training split's statistics.
+    pca_stats: `config.pca_stats`, 'dataset' or 'imagenet'.
+
+  Returns:
+    Eigenvalues [3] and eigenvectors [3, 3] (columns) on [0,1] pixels.
+  """
+  if pca_stats == 'dataset':
+    return stats.eigvals, stats.eigvecs
+  return IMAGENET_EIGVALS, IMAGENET_EIGVECS
