@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 from alexnet.data import colour
 from alexnet.data import epochs
 from alexnet.data import ops
+from alexnet.data import shards
 from alexnet.data import sources
 from alexnet.errors import ConfigError
 from alexnet.errors import DatasetError
@@ -96,7 +97,7 @@ def get_dataset_info(config: Config) -> DatasetInfo:
     DatasetError: missing, unknown or empty data.
   """
   validate_config(config)
-  source = sources.make_source(config)
+  source = _source(config)
   specs = {'eval': config.eval_split}
   if config.minival_split:
     specs['minival'] = config.minival_split
@@ -109,6 +110,13 @@ def get_dataset_info(config: Config) -> DatasetInfo:
       raise DatasetError(f'Split {spec!r} of {source.tag} is empty.')
   return DatasetInfo(num_classes=source.num_classes,
                      num_train_examples=train, num_eval_examples=sizes)
+
+
+def _source(config: Config) -> sources.Source:
+  """The configured data: the original images or their pre-resized shards."""
+  if config.use_shards:
+    return shards.shards_source(config)
+  return sources.make_source(config)
 
 
 def _per_replica(config: Config, field: str, num_replicas: int) -> int:
@@ -159,7 +167,7 @@ def mean_image(config: Config) -> np.ndarray:
     per-pixel mean, or its channel mean broadcast (config.mean).
   """
   validate_config(config)
-  stats = colour.colour_stats(config, sources.make_source(config))
+  stats = colour.colour_stats(config, _source(config))
   return colour.mean_image(stats, config.mean)
 
 
@@ -207,7 +215,7 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
   batch = _per_replica(config, 'batch_size', num_replicas)
   epoch_steps = steps_per_epoch(config, get_dataset_info(config),
                                 num_replicas)
-  source = sources.make_source(config)
+  source = _source(config)
   lighting = colour.lighting_components(colour.colour_stats(config, source),
                                         config.pca_stats)
   resize, size = config.resize_size, config.image_size
@@ -292,7 +300,7 @@ def create_eval_iterable(config: Config, split: str, *,
                      'config.minival_split set.')
   _check_replicas(replicas, num_replicas)
   batch = _per_replica(config, 'eval_batch_size', num_replicas)
-  source = sources.make_source(config)
+  source = _source(config)
   splits = [tfds.split_for_jax_process(spec, process_index=r,
                                        process_count=num_replicas)
             for r in range(num_replicas)]

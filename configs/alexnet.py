@@ -68,6 +68,12 @@ def paper_config() -> ml_collections.ConfigDict:
   # Which evaluated split's top-1 error drives the plateau schedule:
   # 'eval' (as the paper did) or 'minival' (keeps the validation set clean).
   config.plateau_split = 'eval'
+  # Read the pre-resized shards that `python main.py --mode=prepare` writes
+  # (each image decoded and resized to resize_size once, as the paper did)
+  # instead of decoding the original images every epoch.
+  config.use_shards = False
+  # Where prepare writes the shards; '' means <data_dir>/alexnet_shards.
+  config.shards_dir = ''
   # Shorter side is resized to this, then centre-cropped square (paper: 256).
   config.resize_size = 256
   # Network input: random crops in training, centre/corner crops in eval.

@@ -206,7 +206,7 @@ def _catalogue_source(config: Config) -> Source:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SplitSize:
+class SplitSize:
   """Quacks like `tfds.core.SplitInfo` for `ReadInstruction.to_absolute`."""
   num_examples: int
 
@@ -263,10 +263,10 @@ class FolderSplits(collections.abc.Mapping):
                          f'expected {FOLDER_LAYOUT}.')
     self._scans: dict[str, FolderSplit] = {}
 
-  def __getitem__(self, split: str) -> _SplitSize:
+  def __getitem__(self, split: str) -> SplitSize:
     if split not in _subdirs(self.root):
       raise KeyError(split)
-    return _SplitSize(len(self.scan(split).paths))
+    return SplitSize(len(self.scan(split).paths))
 
   def __iter__(self) -> Iterator[str]:
     return iter(_subdirs(self.root))
