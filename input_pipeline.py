@@ -49,6 +49,7 @@ import tensorflow_datasets as tfds
 
 from alexnet import colour
 from alexnet import digits
+from alexnet import errors
 
 AUTOTUNE = tf.data.AUTOTUNE
 # File types a folder dataset reads (lower-case suffixes).
@@ -58,8 +59,7 @@ IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 FOLDER_LAYOUT = '<root>/<split>/<class>/<image>'
 
 
-class DatasetError(ValueError):
-  """Missing, empty or unreadable data; the message says what to do."""
+DatasetError = errors.DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
