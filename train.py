@@ -52,9 +52,6 @@ class TrainState:
   plateau: contrib.ReduceLROnPlateauState
 
 
-# --- Model and optimizer ------------------------------------------------------
-
-
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  exchange: model_lib.Exchange = model_lib.AllTowersHere()
                  ) -> model_lib.AlexNet:
@@ -121,8 +118,6 @@ def create_train_state(config: ml_collections.ConfigDict,
   return TrainState(step=0, **jax.device_get(tree))
 
 
-# --- Steps (run under the layout's pmap) --------------------------------------
-
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -177,8 +172,6 @@ def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
   return layout.sum_over_replicas(
       evaluation.eval_metrics(logits, batch['label'], batch['mask']))
 
-
-# --- The experiment -----------------------------------------------------------
 
 
 def _local_replicas(layout: parallel.Layout) -> list[int]:
@@ -285,16 +278,15 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
 def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
              step: int | None) -> TrainState:
   """Checkpoint `step`, or a fresh state where `step` is None."""
-  model = create_model(experiment.config, experiment.info.num_classes)
+  config = experiment.config
+  model = create_model(config, experiment.info.num_classes)
   if step is None:
     logging.info('Starting from scratch in %s.', experiment.workdir)
-    return create_train_state(experiment.config, model)
-  like = jax.eval_shape(
-      functools.partial(_initial_tree, experiment.config, model))
-  tree, meta = store.restore(like, experiment.signature, step)
-  logging.info('Resuming from step %d in %s.', meta['step'],
-               experiment.workdir)
-  return TrainState(step=meta['step'], **jax.device_get(tree))
+    return create_train_state(config, model)
+  like = jax.eval_shape(functools.partial(_initial_tree, config, model))
+  tree, _ = store.restore(like, experiment.signature, step)
+  logging.info('Resuming from step %d in %s.', step, experiment.workdir)
+  return TrainState(step=step, **jax.device_get(tree))
 
 
 @dataclasses.dataclass

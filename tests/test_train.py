@@ -1,4 +1,4 @@
-"""Training end to end, resume, the paper's optimizer, plateau, exact eval."""
+"""Training end to end, resume, evaluating a checkpoint, optimizer, plateau."""
 
 import glob
 import math
@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
