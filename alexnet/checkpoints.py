@@ -31,6 +31,10 @@ from alexnet import errors
 PyTree = Any
 
 
+def _error(metrics: dict[str, float]) -> float:
+  return metrics['error']
+
+
 class Checkpoints:
   """Saves and restores training state under one directory."""
 
@@ -46,14 +50,15 @@ class Checkpoints:
     """
     preserve = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda metrics: metrics['error'],
-                       reverse=True, n=1,
+        policies.BestN(get_metric_fn=_error, reverse=True, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes orbax write `metrics` to disk (not only keep them in
+    # memory), so the best checkpoint is still known after a restart.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preserve, read_only=read_only,
-        create=not read_only, cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=True)
+        preservation_policy=preserve, best_fn=_error, best_mode='min',
+        read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=('state', 'meta'))
 
@@ -86,12 +91,7 @@ class Checkpoints:
 
   def best_step(self) -> int | None:
     """The step with the lowest validation error; None if none has one."""
-    evaluated = {}
-    for step in self._manager.all_steps():
-      error = self._meta(step).get('error')
-      if error is not None:
-        evaluated[step] = error
-    return min(evaluated, key=evaluated.get) if evaluated else None
+    return self._manager.best_step()
 
   def find(self, which: str) -> int:
     """The step of 'latest', 'best' or a step number ('1000').
@@ -130,11 +130,7 @@ class Checkpoints:
     """
     if step in self._manager.all_steps():
       return  # Saved already (e.g. at an evaluation that was also the end).
-    metrics = None
-    if error is not None:  # Kept in `meta` too: orbax keeps `metrics` only
-      # in memory (for the keep-the-best policy) unless it tracks a best_fn.
-      metrics = {'error': float(error)}
-      meta = {**meta, 'error': float(error)}
+    metrics = None if error is None else {'error': float(error)}
     self._manager.save(
         step, metrics=metrics, force=True,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
