@@ -94,7 +94,14 @@ class Checkpoints:
     return self._manager.best_step()
 
   def find(self, which: str) -> int:
-    """The step of 'latest', 'best' or a step number ('1000').
+    """The checkpoint to evaluate, by name.
+
+    Args:
+      which: 'latest', 'best' (lowest validation error) or a step number
+        such as '1000'.
+
+    Returns:
+      The step of that checkpoint.
 
     Raises:
       errors.WorkdirError: no such checkpoint, naming those there are.
