@@ -119,11 +119,17 @@ def _source(config: Config) -> sources.Source:
   return sources.make_source(config)
 
 
-def _per_replica(config: Config, field: str, num_replicas: int) -> int:
+def per_replica(config: Config, field: str, num_replicas: int) -> int:
+  """config.<field> (a global batch size) split among the replicas.
+
+  Raises:
+    ConfigError: the batch does not divide among the replicas.
+  """
   if config[field] % num_replicas:
     raise ConfigError(
-        f'config.{field}={config[field]} must be a multiple of the '
-        f'{num_replicas} data-parallel replicas.')
+        f'config.{field}={config[field]} must be divisible by the '
+        f'{num_replicas} data-parallel replicas; e.g. --config.{field}='
+        f'{num_replicas * max(1, config[field] // num_replicas)}.')
   return config[field] // num_replicas
 
 
@@ -147,7 +153,7 @@ def steps_per_epoch(config: Config, info: DatasetInfo,
     ConfigError: batch_size not divisible by num_replicas.
     DatasetError: fewer examples than a batch.
   """
-  batch = _per_replica(config, 'batch_size', num_replicas)
+  batch = per_replica(config, 'batch_size', num_replicas)
   steps = (info.num_train_examples // num_replicas) // batch
   if steps < 1:
     raise DatasetError(
@@ -212,7 +218,7 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
   """
   _check_replicas(replicas, num_replicas)
   validate_config(config)
-  batch = _per_replica(config, 'batch_size', num_replicas)
+  batch = per_replica(config, 'batch_size', num_replicas)
   epoch_steps = steps_per_epoch(config, get_dataset_info(config),
                                 num_replicas)
   source = _source(config)
@@ -299,7 +305,7 @@ def create_eval_iterable(config: Config, split: str, *,
     raise ValueError(f'split={split!r}: use \'eval\', or \'minival\' with '
                      'config.minival_split set.')
   _check_replicas(replicas, num_replicas)
-  batch = _per_replica(config, 'eval_batch_size', num_replicas)
+  batch = per_replica(config, 'eval_batch_size', num_replicas)
   source = _source(config)
   splits = [tfds.split_for_jax_process(spec, process_index=r,
                                        process_count=num_replicas)

@@ -1,18 +1,15 @@
 """Training and evaluation of the paper's AlexNet (a library; see main.py).
 
 `train_and_evaluate(config, workdir)` runs the whole experiment and resumes
-from `workdir` if it holds a checkpoint. The pieces it is made of
+from `workdir` if it holds a checkpoint; `evaluate_checkpoint` evaluates a
+saved one without training. The pieces they are made of
 (`create_train_state`, `train_step`, `eval_step`, `make_optimizer`, ...) are
-public so that tests and notebooks can use them alone.
+public so that tests, benchmarks and notebooks can use them alone.
 """
 
-from collections.abc import Callable, Iterator
-import collections
 import dataclasses
 import functools
-import math
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -26,18 +23,19 @@ import optax
 from optax import contrib
 
 from alexnet import checkpoints
+from alexnet import config_checks
 from alexnet import distributed
+from alexnet import errors
+from alexnet import evaluation
 from alexnet import model as model_lib
 from alexnet import parallel
-from alexnet import pictures
+from alexnet import prefetch
+from alexnet import reporting
+from alexnet import schedule as schedule_lib
 from alexnet.data import on_device
 import input_pipeline
 
 PyTree = Any
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run, refused before any work."""
 
 
 @flax.struct.dataclass
@@ -52,9 +50,6 @@ class TrainState:
   params: PyTree
   opt_state: optax.OptState
   plateau: contrib.ReduceLROnPlateauState
-
-
-# --- Model and optimizer ------------------------------------------------------
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -97,21 +92,15 @@ def make_optimizer(config: ml_collections.ConfigDict,
       optax.trace(decay=config.momentum))
 
 
-def make_plateau(config: ml_collections.ConfigDict
-                 ) -> optax.GradientTransformationExtraArgs:
-  """Divides the learning rate by 10 when validation error stops improving."""
-  plateau = config.plateau
-  return contrib.reduce_on_plateau(
-      factor=plateau.factor, patience=plateau.patience, rtol=0.0,
-      atol=plateau.min_delta, cooldown=plateau.cooldown,
-      min_scale=plateau.factor ** plateau.max_drops)
-
-
-def plateau_drops(config: ml_collections.ConfigDict,
-                  plateau: contrib.ReduceLROnPlateauState) -> int:
-  """How many times the schedule has divided the learning rate."""
-  return round(math.log(float(plateau.scale)) /
-               math.log(config.plateau.factor))
+def _initial_tree(config: ml_collections.ConfigDict,
+                  model: model_lib.AlexNet) -> PyTree:
+  """{'params', 'opt_state', 'plateau'} at step 0, as a jittable function."""
+  images = jnp.zeros((1, config.image_size, config.image_size, 3))
+  params = model.init(jax.random.key(config.seed), images,
+                      train=False)['params']
+  return {'params': params,
+          'opt_state': make_optimizer(config, 0.0).init(params),
+          'plateau': schedule_lib.make_plateau(config).init(None)}
 
 
 def create_train_state(config: ml_collections.ConfigDict,
@@ -125,23 +114,16 @@ def create_train_state(config: ml_collections.ConfigDict,
   Returns:
     The state at step 0.
   """
-  images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  init = jax.jit(functools.partial(model.init, train=False))
-  params = jax.device_get(init(jax.random.key(config.seed), images)['params'])
-  opt_state = jax.device_get(make_optimizer(config, 0.0).init(params))
-  plateau = jax.device_get(make_plateau(config).init(None))
-  return TrainState(step=0, params=params, opt_state=opt_state,
-                    plateau=plateau)
+  tree = jax.jit(functools.partial(_initial_tree, config, model))()
+  return TrainState(step=0, **jax.device_get(tree))
 
-
-# --- Steps (run under the layout's pmap) --------------------------------------
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(towers: PyTree, batch: dict[str, jax.Array],
+def train_step(device_state: PyTree, batch: dict[str, jax.Array],
                learning_rate: jax.Array, step: jax.Array, *,
                model: model_lib.AlexNet, layout: parallel.Layout,
                config: ml_collections.ConfigDict
@@ -149,7 +131,7 @@ def train_step(towers: PyTree, batch: dict[str, jax.Array],
   """One SGD step on this device's towers.
 
   Args:
-    towers: {'params', 'opt_state'} of this device's towers.
+    device_state: {'params', 'opt_state'} of this device's towers.
     batch: this replica's {'image', 'label'}.
     learning_rate: the current learning rate.
     step: the global step; keys dropout together with the replica and tower.
@@ -158,7 +140,7 @@ def train_step(towers: PyTree, batch: dict[str, jax.Array],
     config: the experiment config.
 
   Returns:
-    The new towers and {'loss', 'accuracy'} averaged over replicas.
+    The new device state and {'loss', 'accuracy'} averaged over replicas.
   """
   dropout_key = jax.random.fold_in(
       jax.random.fold_in(jax.random.key(config.seed), step),
@@ -169,52 +151,14 @@ def train_step(towers: PyTree, batch: dict[str, jax.Array],
                          rngs={'dropout': dropout_key})
     return cross_entropy(logits, batch['label']).mean(), logits
 
-  loss, logits, grads = layout.grad(loss_fn)(towers['params'])
+  params, opt_state = device_state['params'], device_state['opt_state']
+  loss, logits, grads = layout.grad(loss_fn)(params)
   updates, opt_state = make_optimizer(config, learning_rate).update(
-      grads, towers['opt_state'], towers['params'])
-  params = optax.apply_updates(towers['params'], updates)
+      grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   metrics = layout.mean_over_replicas({'loss': loss, 'accuracy': accuracy})
   return {'params': params, 'opt_state': opt_state}, metrics
-
-
-def _label_rank(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-  """Classes scored strictly above the label (0: a top-1 hit)."""
-  label_score = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)
-  return jnp.sum(log_probs > label_score, axis=-1)
-
-
-def eval_metrics(logits: jax.Array, labels: jax.Array,
-                 mask: jax.Array) -> dict[str, jax.Array]:
-  """Sums of losses and errors over the unmasked examples of a batch.
-
-  Args:
-    logits: [batch, views, classes]; view 0 is the centre crop. With 10
-      views the paper's prediction averages the 10 softmax outputs.
-    labels: [batch] int.
-    mask: [batch] bool, False for padding.
-
-  Returns:
-    Sums, to be added over batches and devices and divided by 'count'.
-  """
-  predictions = {'centre': jax.nn.log_softmax(logits[:, 0])}
-  if logits.shape[1] > 1:
-    # log(mean_v softmax_v), computed in log space so that it cannot
-    # underflow to log(0).
-    predictions['ten_crop'] = (
-        jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=1)
-        - jnp.log(logits.shape[1]))
-  sums = {'count': jnp.sum(mask.astype(jnp.float32))}
-  top_k = min(5, logits.shape[-1])
-  masked_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0))
-  for name, log_probs in predictions.items():
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-    rank = _label_rank(log_probs, labels)
-    sums[f'{name}_loss'] = masked_sum(nll)
-    sums[f'{name}_top1_error'] = masked_sum((rank >= 1).astype(jnp.float32))
-    sums[f'{name}_top5_error'] = masked_sum(
-        (rank >= top_k).astype(jnp.float32))
-  return sums
 
 
 def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
@@ -226,149 +170,8 @@ def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
   logits = model.apply({'params': params}, flat, train=False)
   logits = logits.reshape(*images.shape[:2], -1)
   return layout.sum_over_replicas(
-      eval_metrics(logits, batch['label'], batch['mask']))
+      evaluation.eval_metrics(logits, batch['label'], batch['mask']))
 
-
-def summarize(sums: dict[str, float]) -> dict[str, float]:
-  """Turns summed eval metrics into means over the evaluated examples."""
-  count = sums['count']
-  return {name: float(value) / count for name, value in sums.items()
-          if name != 'count'}
-
-
-def evaluate(p_eval_step: Callable[..., Any], params: PyTree,
-             batches: input_pipeline.EvalIterable,
-             layout: parallel.Layout) -> dict[str, float]:
-  """Exact metrics over one evaluation split (padding masked out)."""
-  total = collections.Counter()
-  for batch in batches:
-    sums = jax.device_get(p_eval_step(params, layout.shard_batch(batch)))
-    total.update({k: float(v) for k, v in sums.items()})
-  return summarize(total)
-
-
-# --- The experiment -----------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Durations in steps, converted once from the config's epochs."""
-
-  steps_per_epoch: int
-  total_steps: int
-  eval_every: int
-
-  @classmethod
-  def create(cls, config: ml_collections.ConfigDict,
-             info: input_pipeline.DatasetInfo,
-             num_replicas: int = 1) -> 'Schedule':
-    # Each replica reads its own slice of the data (see `_train_batches`).
-    per_epoch = input_pipeline.steps_per_epoch(config, info, num_replicas)
-    total = (config.num_train_steps if config.num_train_steps > 0
-             else math.ceil(config.num_epochs * per_epoch))
-    eval_every = max(1, round(config.eval_every_epochs * per_epoch))
-    return cls(per_epoch, total, eval_every)
-
-
-def validate_config(config: ml_collections.ConfigDict,
-                    layout: parallel.Layout) -> None:
-  """Refuses a config that cannot run, naming the field and the fix."""
-  positive = ['batch_size', 'eval_batch_size', 'checkpoint_every_steps',
-              'log_every_steps', 'keep_checkpoints', 'eval_every_epochs',
-              'learning_rate', 'width', 'flat_loss_evals']
-  for field in positive:
-    if not config[field] > 0:
-      raise ConfigError(f'config.{field}={config[field]} must be positive.')
-  if not (config.num_epochs > 0 or config.num_train_steps > 0):
-    raise ConfigError('Set a positive config.num_epochs or '
-                      'config.num_train_steps.')
-  smallest = model_lib.smallest_image_size()
-  if config.image_size < smallest:
-    raise ConfigError(
-        f'config.image_size={config.image_size} is too small for the five '
-        f'conv layers and three pools; use at least {smallest}.')
-  if config.resize_size < config.image_size:
-    raise ConfigError(f'config.resize_size={config.resize_size} must be at '
-                      f'least config.image_size={config.image_size}.')
-  for field in ('batch_size', 'eval_batch_size'):
-    share = layout.num_replicas
-    if config[field] % share:
-      raise ConfigError(
-          f'config.{field}={config[field]} must be divisible by the '
-          f'{share} data-parallel replicas ({layout.num_devices} devices, '
-          f'{layout.towers_per_device} tower(s) each); e.g. '
-          f'--config.{field}={share * max(1, config[field] // share)}.')
-  choices = {'init_scheme': tuple(model_lib.INITIALIZATIONS),
-             'dtype': ('float32', 'bfloat16'), 'mean': ('pixel', 'channel'),
-             'pca_stats': ('dataset', 'imagenet'),
-             'plateau_split': ('eval', 'minival')}
-  for field, allowed in choices.items():
-    if config[field] not in allowed:
-      raise ConfigError(f'config.{field}={config[field]!r}: choose one of '
-                        f'{allowed}.')
-  if config.plateau_split == 'minival' and not config.minival_split:
-    raise ConfigError("config.plateau_split='minival' needs "
-                      "config.minival_split, e.g. 'train[99%:]'.")
-
-
-def _shape_signature(config: ml_collections.ConfigDict,
-                     num_classes: int) -> dict[str, Any]:
-  """The settings that fix parameter shapes: a checkpoint must match them."""
-  return {'num_classes': num_classes, 'width': config.width,
-          'image_size': config.image_size}
-
-
-def _prefetch(batches: Iterator[PyTree], layout: parallel.Layout,
-              size: int = 2) -> Iterator[PyTree]:
-  """Keeps `size` batches on their way to the devices."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(layout.shard_batch(batch))
-    if len(queue) == size:
-      yield queue.popleft()
-
-
-def _local_replicas(layout: parallel.Layout) -> list[int]:
-  """Global indices of this process's data-parallel replicas, in order."""
-  per = layout.devices_per_replica
-  return sorted({i // per for i, device in enumerate(layout.devices)
-                 if device.process_index == jax.process_index()})
-
-
-def _train_batches(config: ml_collections.ConfigDict, layout: parallel.Layout,
-                   start_step: int) -> Iterator[PyTree]:
-  """This process's training batches, [local replicas, per replica, ...].
-
-  One input pipeline feeds all of this process's data-parallel replicas;
-  replica r reads its own slice with its own random draws, so the run does
-  not depend on how the replicas are spread over processes. The uint8
-  batches are made float here, on the default device, until `train_step`
-  applies `on_device.train_images` itself.
-  """
-  mean = jnp.asarray(input_pipeline.mean_image(config))
-  to_float = jax.jit(jax.vmap(lambda batch: {
-      'image': on_device.train_images(batch, mean), 'label': batch['label']}))
-  for batch in input_pipeline.create_train_iterator(
-      config, replicas=_local_replicas(layout),
-      num_replicas=layout.num_replicas, start_step=start_step):
-    yield jax.device_get(to_float(batch))
-
-
-def _eval_batches(config: ml_collections.ConfigDict, layout: parallel.Layout,
-                  split: str) -> list[PyTree]:
-  """One split's evaluation batches with float views.
-
-  The views are cut on the default device, until `eval_step` applies
-  `on_device.eval_images` itself.
-  """
-  mean = jnp.asarray(input_pipeline.mean_image(config))
-  to_views = jax.jit(jax.vmap(lambda batch: dict(batch, image=(
-      on_device.eval_images(batch, mean, config.image_size,
-                            config.ten_crop)))))
-  return [jax.device_get(to_views(batch)) for batch in
-          input_pipeline.create_eval_iterable(
-              config, split, replicas=_local_replicas(layout),
-              num_replicas=layout.num_replicas)]
 
 
 def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
@@ -376,101 +179,120 @@ def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
   devices = jax.devices()
   if config.num_devices:
     if not 0 < config.num_devices <= jax.local_device_count():
-      raise ConfigError(
+      raise errors.ConfigError(
           f'config.num_devices={config.num_devices}, but this process has '
           f'{jax.local_device_count()} devices; 0 uses them all.')
     if jax.process_count() > 1:
-      raise ConfigError('config.num_devices must be 0 (all devices) with '
-                        'several processes.')
+      raise errors.ConfigError('config.num_devices must be 0 (all devices) '
+                               'with several processes.')
     devices = jax.local_devices()[:config.num_devices]
   try:
     return parallel.Layout.create(config.model_parallel, devices)
   except ValueError as error:
-    raise ConfigError(str(error)) from None
+    raise errors.ConfigError(str(error)) from None
 
 
-class FlatLossMonitor:
-  """Notices a validation loss stuck at chance, ln(num_classes).
+@dataclasses.dataclass(frozen=True)
+class _Experiment:
+  """What stays fixed during one run; built by `_prepare`."""
 
-  That is the widely reported "flat loss" of the paper's initialisation
-  (biases 1, weights N(0, 0.01)) when inputs are not mean-subtracted 0-255
-  pixels or are tiny (REFERENCE.md): the net learns only the class prior.
-  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  layout: parallel.Layout
+  info: input_pipeline.DatasetInfo
+  schedule: schedule_lib.Schedule
+  model: model_lib.AlexNet
+  # The training set's mean image, once on every device: batches arrive as
+  # uint8 and are normalised inside the mapped steps.
+  mean_image: jax.Array
 
-  def __init__(self, num_classes: int, patience: int, init_scheme: str):
-    self._chance = math.log(num_classes)
-    self._num_classes, self._patience = num_classes, patience
-    self._init_scheme = init_scheme
-    self._flat = 0
+  @property
+  def signature(self) -> dict[str, Any]:
+    """The settings that fix parameter shapes: a checkpoint must match."""
+    return {'num_classes': self.info.num_classes, 'width': self.config.width,
+            'image_size': self.config.image_size}
 
-  def update(self, loss: float) -> str | None:
-    """The warning, once, when the loss has been flat `patience` times."""
-    flat = abs(loss - self._chance) < 0.01 * self._chance
-    self._flat = self._flat + 1 if flat else 0
-    if self._flat != self._patience:
-      return None
-    return (f'The validation loss has stayed at ln({self._num_classes}) = '
-            f'{self._chance:.3f} (chance) for {self._patience} evaluations: '
-            "the net is not learning. A known cause is the paper's "
-            'initialisation (biases 1, weights N(0, 0.01)) with inputs that '
-            'are not mean-subtracted 0-255 pixels, or tiny inputs such as the '
-            'digits; try --config.init_scheme=caffe (config.init_scheme is '
-            f'now {self._init_scheme!r}).')
-
-
-class _Run:
-  """The state and helpers of one `train_and_evaluate` call."""
-
-  def __init__(self, config, workdir):
-    self.config = config
-    self.workdir = os.path.abspath(workdir)
-    self.layout = _create_layout(config)
-    validate_config(config, self.layout)
-    self.info = input_pipeline.get_dataset_info(config)
-    self.schedule = Schedule.create(config, self.info,
-                                    self.layout.num_replicas)
-    self.signature = _shape_signature(config, self.info.num_classes)
-    self.model = create_model(config, self.info.num_classes,
-                              self.layout.exchange)
-    self.checkpoints = checkpoints.Checkpoints(
+  def open_checkpoints(self, read_only: bool = False
+                       ) -> checkpoints.Checkpoints:
+    return checkpoints.Checkpoints(
         os.path.join(self.workdir, 'checkpoints'),
-        keep=config.keep_checkpoints)
-    self.flat_loss = FlatLossMonitor(self.info.num_classes,
-                                     config.flat_loss_evals,
-                                     config.init_scheme)
+        keep=self.config.keep_checkpoints, read_only=read_only)
 
-  def restore_or_init(self) -> TrainState:
-    """The latest checkpoint in the workdir, or a fresh state."""
-    # Refuses an incompatible or unshared workdir before any work.
-    step = self.checkpoints.check_latest(self.signature)
-    state = create_train_state(
-        self.config, create_model(self.config, self.info.num_classes))
-    like = {'params': state.params, 'opt_state': state.opt_state,
-            'plateau': state.plateau}
-    if step is None:
-      logging.info('Starting from scratch in %s.', self.workdir)
-      return state
-    tree, meta = self.checkpoints.restore(like, self.signature, step)
-    logging.info('Resuming from step %d in %s.', meta['step'], self.workdir)
-    return TrainState(step=meta['step'], **tree)
+  def evaluate(self, params: PyTree) -> dict[str, dict[str, float]]:
+    """{split: metrics} of the parameters on the devices."""
+    step = lambda params, batch: self._p_eval_step(params, batch,
+                                                   self.mean_image)
+    return {split: evaluation.evaluate(step, params, batches, self.layout)
+            for split, batches in self._eval_sets.items()}
 
-  def save(self, state: TrainState, error: float | None = None) -> None:
-    tree = {'params': state.params, 'opt_state': state.opt_state,
-            'plateau': state.plateau}
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)):
-      raise FloatingPointError(self._non_finite_message(state.step))
-    meta = {'step': state.step, 'seed': self.config.seed,
-            'shape': self.signature}
-    self.checkpoints.save(state.step, tree, meta, error)
+  @functools.cached_property
+  def _eval_sets(self) -> dict[str, input_pipeline.EvalIterable]:
+    return {split: input_pipeline.create_eval_iterable(
+        self.config, split, replicas=self.layout.local_replicas,
+        num_replicas=self.layout.num_replicas)
+            for split in self.info.num_eval_examples}
 
-  def _non_finite_message(self, step: int) -> str:
-    return (f'Training diverged: non-finite loss or parameters by step '
-            f'{step}. The last good checkpoint (step '
-            f'{self.checkpoints.latest_step()}) is kept in {self.workdir}; '
-            'lower --config.learning_rate or check the input scale.')
+  @functools.cached_property
+  def _p_eval_step(self) -> Any:
+    config = self.config
 
-  def learning_rate(self, plateau: contrib.ReduceLROnPlateauState) -> float:
-    return self.config.learning_rate * float(plateau.scale)
+    def step(params, batch, mean_image):
+      views = on_device.eval_images(batch, mean_image, config.image_size,
+                                    config.ten_crop)
+      return eval_step(params, {**batch, 'image': views}, model=self.model,
+                       layout=self.layout)
+    return self.layout.pmap(step, out_axes=None)
+
+  @functools.cached_property
+  def p_train_step(self) -> Any:
+    """The mapped `train_step`, fed uint8 batches and the mean image."""
+    def step(device_state, batch, mean_image, learning_rate, step):
+      inputs = {'image': on_device.train_images(batch, mean_image),
+                'label': batch['label']}
+      return train_step(device_state, inputs, learning_rate, step,
+                        model=self.model, layout=self.layout,
+                        config=self.config)
+    return self.layout.pmap(step, in_axes=(0, 0, 0, None, None),
+                            out_axes=(0, None), donate_argnums=(0,))
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
+  """Checks the config against the devices and reads the dataset's sizes."""
+  layout = _create_layout(config)
+  config_checks.validate(config, layout)
+  info = input_pipeline.get_dataset_info(config)
+  return _Experiment(
+      config, os.path.abspath(workdir), layout, info,
+      schedule_lib.Schedule.create(config, info, layout.num_replicas),
+      create_model(config, info.num_classes, layout.exchange),
+      layout.replicate(input_pipeline.mean_image(config)))
+
+
+def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
+             step: int | None) -> TrainState:
+  """Checkpoint `step`, or a fresh state where `step` is None."""
+  config = experiment.config
+  model = create_model(config, experiment.info.num_classes)
+  if step is None:
+    logging.info('Starting from scratch in %s.', experiment.workdir)
+    return create_train_state(config, model)
+  like = jax.eval_shape(functools.partial(_initial_tree, config, model))
+  tree, _ = store.restore(like, experiment.signature, step)
+  logging.info('Resuming from step %d in %s.', step, experiment.workdir)
+  return TrainState(step=step, **jax.device_get(tree))
+
+
+@dataclasses.dataclass
+class _Training:
+  """The state of a run in progress: one copy of each part, named once."""
+
+  step: int
+  device_state: PyTree  # {'params', 'opt_state'}, laid out on the devices.
+  plateau: contrib.ReduceLROnPlateauState  # On the host.
+
+  def to_host(self, layout: parallel.Layout) -> TrainState:
+    tree = layout.gather_towers(self.device_state)
+    return TrainState(step=self.step, plateau=self.plateau, **tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -483,160 +305,131 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Returns:
     The final state (host copy).
+
+  Raises:
+    errors.UserError: a config, dataset or workdir that cannot run, or a
+      run that diverged (its last good checkpoint is kept).
   """
-  run = _Run(config, workdir)
-  state = run.restore_or_init()
-  writer = metric_writers.create_default_writer(
-      run.workdir, just_logging=jax.process_index() > 0)
-  if state.step == 0:
-    writer.write_hparams(config.to_dict())
+  experiment = _prepare(config, workdir)
+  store = experiment.open_checkpoints()
   try:
-    with distributed.StopSignal() as stop:
-      state = _train_loop(run, state, writer, stop)
+    # Refuses an incompatible or unshared workdir before any work.
+    state = _restore(experiment, store,
+                     store.check_latest(experiment.signature))
+    writer = metric_writers.create_default_writer(
+        experiment.workdir, just_logging=jax.process_index() > 0)
+    if state.step == 0:
+      writer.write_hparams(config.to_dict())
+    training = _Training(state.step, experiment.layout.shard_towers(
+        {'params': state.params, 'opt_state': state.opt_state}), state.plateau)
+    try:
+      with distributed.StopSignal() as stop:
+        _train(experiment, store, training, writer, stop)
+    finally:
+      store.wait()
+      writer.flush()
   finally:
-    run.checkpoints.wait()
-    writer.flush()
-  run.checkpoints.close()
-  return state
+    store.close()
+  return training.to_host(experiment.layout)
 
 
-def _train_loop(run: _Run, state: TrainState,
-                writer: metric_writers.MetricWriter,
-                stop: distributed.StopSignal) -> TrainState:
-  config, layout, schedule = run.config, run.layout, run.schedule
-  p_train_step = layout.pmap(
-      functools.partial(train_step, model=run.model, layout=layout,
-                        config=config),
-      in_axes=(0, 0, None, None), out_axes=(0, None), donate_argnums=(0,))
-  p_eval_step = layout.pmap(
-      functools.partial(eval_step, model=run.model, layout=layout),
-      out_axes=None)
-  towers = layout.shard_towers({'params': state.params,
-                                'opt_state': state.opt_state})
-  batches = _prefetch(_train_batches(config, layout, state.step), layout)
-  eval_sets = {split: _eval_batches(config, layout, split)
-               for split in run.info.num_eval_examples}
-  progress = _Progress(config, schedule, state.step, writer)
-  logging.info('%s; %d steps of %d images (%d per epoch), evaluating every '
-               '%d.', _describe(layout), schedule.total_steps,
-               config.batch_size, schedule.steps_per_epoch,
-               schedule.eval_every)
-
-  def host_state(step):
-    tree = layout.gather_towers(towers)
-    return state.replace(step=step, params=tree['params'],
-                         opt_state=tree['opt_state'])
-
-  step = state.step
-  plateau = state.plateau
-  stopping = False
-  while step < schedule.total_steps and not stopping:
-    lr = run.learning_rate(plateau)
-    towers, metrics = p_train_step(towers, next(batches), lr, step)
-    step += 1
-    progress.record(metrics)
-    # Asked once after every step: with several processes this is JAX's
-    # preemption sync point, which all of them must reach together.
-    stopping = stop.should_stop(step)
-    is_eval = step % schedule.eval_every == 0
-    is_last = step == schedule.total_steps
-    must_save = (is_eval or is_last or stopping
-                 or step % config.checkpoint_every_steps == 0)
-    if step % config.log_every_steps == 0 or must_save:
-      if not progress.flush(step, lr):
-        raise FloatingPointError(run._non_finite_message(step))
-    if not must_save:
-      continue
-    state = host_state(step).replace(plateau=plateau)
-    error = None
-    if is_eval or is_last:
-      results = {split: evaluate(p_eval_step, towers['params'], batches_,
-                                 layout)
-                 for split, batches_ in eval_sets.items()}
-      error = results[config.plateau_split]['centre_top1_error']
-      if is_eval:  # Only scheduled evaluations move the schedule, so that
-        # a run's length does not change its learning rates.
-        plateau = _update_plateau(run, plateau, error, step)
-        state = state.replace(plateau=plateau)
-      _write_eval(run, writer, step, results, state)
-    run.save(state, error)
-  if stopping:
-    logging.warning('Stopped after step %d on request; its checkpoint is '
-                    'being written. Run the same command to resume.', step)
-  return host_state(step).replace(plateau=plateau)
+def _train(experiment: _Experiment, store: checkpoints.Checkpoints,
+           training: _Training, writer: metric_writers.MetricWriter,
+           stop: distributed.StopSignal) -> None:
+  """Steps `training` to the end (or a stop), evaluating and saving."""
+  config, layout, schedule = (experiment.config, experiment.layout,
+                              experiment.schedule)
+  reporter = reporting.Reporter(config, experiment.info.num_classes,
+                                schedule, writer, experiment.workdir)
+  reporter.start(layout, training.step)
+  host_batches = input_pipeline.create_train_iterator(
+      config, replicas=layout.local_replicas,
+      num_replicas=layout.num_replicas, start_step=training.step)
+  with prefetch.to_devices(host_batches, layout.shard_batch) as batches:
+    while training.step < schedule.total_steps:
+      learning_rate = schedule_lib.learning_rate(config, training.plateau)
+      training.device_state, metrics = experiment.p_train_step(
+          training.device_state, next(batches), experiment.mean_image,
+          learning_rate, training.step)
+      training.step = step = training.step + 1
+      reporter.record(metrics)
+      # Asked once after every step: with several processes this is JAX's
+      # preemption sync point, which all of them must reach together.
+      stopping = stop.should_stop(step)
+      scheduled = step % schedule.eval_every == 0
+      evaluated = scheduled or step == schedule.total_steps
+      save = (evaluated or stopping
+              or step % config.checkpoint_every_steps == 0)
+      if save or step % config.log_every_steps == 0:
+        reporter.flush(step, learning_rate)
+      if save:
+        _save(experiment, store, training,
+              reporter if evaluated else None, scheduled)
+      if stopping:
+        logging.warning('Stopped after step %d on request; its checkpoint is '
+                        'being written. Run the same command to resume.', step)
+        return
 
 
-def _update_plateau(run: _Run, plateau: contrib.ReduceLROnPlateauState,
-                    error: float, step: int) -> contrib.ReduceLROnPlateauState:
-  drops = plateau_drops(run.config, plateau)
-  _, plateau = make_plateau(run.config).update({}, plateau, value=error)
-  plateau = jax.device_get(plateau)
-  if plateau_drops(run.config, plateau) > drops:
-    logging.info('Step %d: validation error stopped improving; learning rate '
-                 'divided (drop %d), now %g.', step,
-                 plateau_drops(run.config, plateau),
-                 run.learning_rate(plateau))
-  return plateau
+def _save(experiment: _Experiment, store: checkpoints.Checkpoints,
+          training: _Training, reporter: reporting.Reporter | None,
+          scheduled: bool) -> None:
+  """Checkpoints `training`, first evaluating it if given a `reporter`.
+
+  Only scheduled evaluations move the learning-rate schedule, so that a
+  run's length does not change its learning rates. The checkpoint is
+  ranked by config.plateau_split's top-1 error.
+  """
+  config = experiment.config
+  tree = experiment.layout.gather_towers(training.device_state)
+  # The one divergence check: a checkpoint is never written non-finite.
+  if not all(np.isfinite(x).all() for x in jax.tree.leaves(tree['params'])):
+    raise errors.DivergedError(
+        f'Training diverged: non-finite loss or parameters by step '
+        f'{training.step}. The last good checkpoint (step '
+        f'{store.latest_step()}) is kept in {experiment.workdir}; lower '
+        '--config.learning_rate or check the input scale.')
+  error = None
+  if reporter:
+    results = experiment.evaluate(training.device_state['params'])
+    error = results[config.plateau_split]['centre_top1_error']
+    if scheduled:
+      training.plateau = schedule_lib.update_plateau(
+          config, training.plateau, error, training.step)
+    reporter.write_evaluation(
+        training.step, results,
+        schedule_lib.plateau_drops(config, training.plateau),
+        np.asarray(tree['params']['conv1']['kernel']))
+  meta = {'step': training.step, 'seed': config.seed,
+          'shape': experiment.signature}
+  store.save(training.step, {**tree, 'plateau': training.plateau}, meta,
+             error)
 
 
-def _write_eval(run: _Run, writer: metric_writers.MetricWriter, step: int,
-                results: dict[str, dict[str, float]],
-                state: TrainState) -> None:
-  scalars = {f'{split}/{name}': value for split, metrics in results.items()
-             for name, value in metrics.items()}
-  scalars['train/lr_drops'] = plateau_drops(run.config, state.plateau)
-  writer.write_scalars(step, scalars)
-  warning = run.flat_loss.update(results['eval']['centre_loss'])
-  if warning:
-    logging.warning(warning)
-  picture = pictures.kernel_grid(np.asarray(state.params['conv1']['kernel']))
-  writer.write_images(step, {'conv1_kernels': picture[None]})
-  if jax.process_index() == 0:
-    pictures.save_png(picture, os.path.join(run.workdir, 'conv1_kernels.png'))
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoint: str = 'latest'
+                        ) -> tuple[int, dict[str, dict[str, float]]]:
+  """Evaluates a saved checkpoint without training (main.py --mode=eval).
 
+  Reads the workdir only: it may be evaluated while a run trains there.
 
-def _describe(layout: parallel.Layout) -> str:
-  if layout.towers_per_device == 1:
-    return (f'{layout.num_devices} devices: {layout.num_replicas} replica(s) '
-            'of a tower pair, one tower per device')
-  return (f'{layout.num_devices} device(s), both towers on each, '
-          f'{layout.num_replicas} data-parallel replica(s)')
+  Args:
+    config: the config the checkpoint was trained with (shapes must match).
+    workdir: the run's workdir.
+    checkpoint: 'latest', 'best' (lowest validation error) or a step.
 
+  Returns:
+    (step, {split: metrics}) for 'eval' (and 'minival' if configured):
+    centre and 10-crop loss, top-1 and top-5 error.
 
-class _Progress:
-  """Averages train metrics; writes them with throughput and an ETA."""
-
-  def __init__(self, config, schedule: Schedule, step: int,
-               writer: metric_writers.MetricWriter):
-    self._config, self._schedule, self._writer = config, schedule, writer
-    self._pending = []
-    self._since = (step, time.perf_counter())
-
-  def record(self, metrics: dict[str, jax.Array]) -> None:
-    self._pending.append(metrics)
-
-  def flush(self, step: int, lr: float) -> bool:
-    """Writes the averages; False if the loss went non-finite."""
-    if not self._pending:
-      return True
-    metrics = jax.device_get(self._pending)
-    self._pending = []
-    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-    start_step, start_time = self._since
-    seconds = time.perf_counter() - start_time
-    self._since = (step, time.perf_counter())
-    steps_per_s = (step - start_step) / max(seconds, 1e-9)
-    total = self._schedule.total_steps
-    self._writer.write_scalars(step, {
-        'train/loss': mean['loss'], 'train/accuracy': mean['accuracy'],
-        'train/lr': lr, 'train/images_per_s':
-            steps_per_s * self._config.batch_size,
-        'train/step_time_s': 1 / max(steps_per_s, 1e-9)})
-    eta = (total - step) / max(steps_per_s, 1e-9)
-    logging.info(
-        'step %d/%d (%.1f%%, epoch %.2f) | loss %.4f | accuracy %.2f%% | lr %g'
-        ' | %.1f images/s | ETA %s', step, total, 100 * step / total,
-        step / self._schedule.steps_per_epoch, mean['loss'],
-        100 * mean['accuracy'], lr, steps_per_s * self._config.batch_size,
-        time.strftime('%H:%M:%S', time.gmtime(eta)))
-    return math.isfinite(mean['loss'])
+  Raises:
+    errors.UserError: no such checkpoint, or a config that does not fit.
+  """
+  experiment = _prepare(config, workdir)
+  store = experiment.open_checkpoints(read_only=True)
+  try:
+    state = _restore(experiment, store, store.find(checkpoint))
+  finally:
+    store.close()
+  params = experiment.layout.shard_towers({'params': state.params})['params']
+  return state.step, experiment.evaluate(params)

@@ -26,37 +26,39 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from alexnet import errors
+
 PyTree = Any
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The workdir holds a checkpoint of a differently shaped run."""
-
-
-class UnsharedWorkdirError(RuntimeError):
-  """Processes of one run see different checkpoints in the same directory."""
+def _error(metrics: dict[str, float]) -> float:
+  return metrics['error']
 
 
 class Checkpoints:
   """Saves and restores training state under one directory."""
 
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int, read_only: bool = False):
     """Opens (or creates) the checkpoint directory.
 
     Args:
       directory: absolute path, e.g. <workdir>/checkpoints.
       keep: latest checkpoints to keep; the one with the lowest validation
         error is kept besides them.
+      read_only: only read (e.g. to evaluate while a run trains there):
+        creates, writes and cleans up nothing.
     """
     preserve = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda metrics: metrics['error'],
-                       reverse=True, n=1,
+        policies.BestN(get_metric_fn=_error, reverse=True, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes orbax write `metrics` to disk (not only keep them in
+    # memory), so the best checkpoint is still known after a restart.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preserve, cleanup_tmp_directories=True,
-        enable_async_checkpointing=True)
+        preservation_policy=preserve, best_fn=_error, best_mode='min',
+        read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=('state', 'meta'))
 
@@ -69,7 +71,7 @@ class Checkpoints:
     Called by all processes together (a collective when there are several).
 
     Raises:
-      UnsharedWorkdirError: the directory is not shared by all processes
+      errors.WorkdirError: the directory is not shared by all processes
         (or holds different checkpoints on different hosts).
     """
     step = self.latest_step()
@@ -80,7 +82,7 @@ class Checkpoints:
     if len(set(seen.tolist())) > 1:
       views = ', '.join(f'process {i}: {"none" if s < 0 else f"step {s}"}'
                         for i, s in enumerate(seen.tolist()))
-      raise UnsharedWorkdirError(
+      raise errors.WorkdirError(
           f'The processes see different latest checkpoints in '
           f'{self._manager.directory} ({views}). The workdir must be on a '
           'filesystem all processes share (e.g. NFS or a GCS bucket), with '
@@ -88,10 +90,39 @@ class Checkpoints:
     return step
 
   def best_step(self) -> int | None:
+    """The step with the lowest validation error; None if none has one."""
     return self._manager.best_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+  def find(self, which: str) -> int:
+    """The checkpoint to evaluate, by name.
+
+    Args:
+      which: 'latest', 'best' (lowest validation error) or a step number
+        such as '1000'.
+
+    Returns:
+      The step of that checkpoint.
+
+    Raises:
+      errors.WorkdirError: no such checkpoint, naming those there are.
+    """
+    steps = sorted(self._manager.all_steps())
+    where = f'{self._manager.directory} (steps: {steps or "none"})'
+    if not steps:
+      raise errors.WorkdirError(
+          f'No checkpoint in {where}: train first, or give the --workdir '
+          'of a run.')
+    if which == 'best':
+      step = self.best_step()
+      if step is None:
+        raise errors.WorkdirError(
+            f'No checkpoint in {where} was evaluated yet, so none is the '
+            'best; use --checkpoint=latest or a step number.')
+      return step
+    step = steps[-1] if which == 'latest' else int(which)
+    if step not in steps:
+      raise errors.WorkdirError(f'No checkpoint of step {step} in {where}.')
+    return step
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any],
            error: float | None = None) -> None:
@@ -117,7 +148,8 @@ class Checkpoints:
     """The latest (or given) checkpoint, or None if there is none.
 
     Args:
-      like: a state tree with the shapes and dtypes to restore into.
+      like: a state tree with the shapes and dtypes to restore into: host
+        arrays, or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`).
       expected: meta['shape'] must equal this; otherwise the checkpoint
         comes from another configuration.
       step: restore this step instead of the latest.
@@ -126,8 +158,8 @@ class Checkpoints:
       (state, meta), or None for an empty directory.
 
     Raises:
-      IncompatibleCheckpointError: shapes that do not fit this config.
-      UnsharedWorkdirError: processes that see different latest steps.
+      errors.WorkdirError: shapes that do not fit this config, or
+        processes that see different latest steps.
     """
     if step is None:
       step = self.check_latest(expected)
@@ -154,8 +186,8 @@ class Checkpoints:
       The latest step every process sees, or None for an empty directory.
 
     Raises:
-      IncompatibleCheckpointError: a checkpoint of another configuration.
-      UnsharedWorkdirError: processes that see different latest steps.
+      errors.WorkdirError: a checkpoint of another configuration, or
+        processes that see different latest steps.
     """
     step = self.agreed_latest_step()
     if step is not None:
@@ -169,7 +201,7 @@ class Checkpoints:
   def _check(self, step: int, expected: dict[str, Any]) -> None:
     shape = self._meta(step).get('shape')
     if shape != expected:
-      raise IncompatibleCheckpointError(
+      raise errors.WorkdirError(
           f'{self._manager.directory} holds a checkpoint (step {step}) of a '
           f'run with {shape}, but this config gives {expected}. '
           'Use another --workdir, or the config that wrote it.')

@@ -33,12 +33,10 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from alexnet import errors
+
 # PCI vendor id of Google's TPU chips (what JAX itself checks for a TPU VM).
 _GOOGLE_PCI_VENDOR = '0x1ae0'
-
-
-class DistributedConfigError(ValueError):
-  """Multi-process settings that cannot start, named with the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +56,7 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise DistributedConfigError(
+    raise errors.ConfigError(
         f'{name}={value!r} must be an integer.') from None
 
 
@@ -108,7 +106,7 @@ def settings(config: ml_collections.ConfigDict,
     The settings, or None where this is the only process.
 
   Raises:
-    DistributedConfigError: explicit settings that are incomplete or
+    errors.ConfigError: explicit settings that are incomplete or
       inconsistent.
   """
   address = (config.coordinator_address
@@ -121,7 +119,7 @@ def settings(config: ml_collections.ConfigDict,
   if not explicit:
     return None if cluster is None else Settings(None, None, None, cluster)
   if count is not None and count < 1:
-    raise DistributedConfigError(
+    raise errors.ConfigError(
         f'config.num_processes={count} must be positive (0: auto).')
   if count == 1 and cluster is None:
     return None
@@ -129,14 +127,14 @@ def settings(config: ml_collections.ConfigDict,
     missing = [name for name, value in (
         ('coordinator_address', address), ('num_processes', count),
         ('process_id', index)) if value is None]
-    raise DistributedConfigError(
+    raise errors.ConfigError(
         'Several processes need all of config.coordinator_address (host:port '
         'of process 0), config.num_processes and config.process_id (or the '
         'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID '
         f'environment variables) outside SLURM, Open MPI or Cloud TPU; '
         f'missing: {", ".join("config." + m for m in missing)}.')
   if index is not None and count is not None and not 0 <= index < count:
-    raise DistributedConfigError(
+    raise errors.ConfigError(
         f'config.process_id={index} must be in [0, config.num_processes='
         f'{count}).')
   return Settings(address, count, index,
@@ -164,10 +162,6 @@ def initialize(config: ml_collections.ConfigDict) -> None:
                              process_id=found.process_id)
 
 
-def is_multi_process() -> bool:
-  return jax.process_count() > 1
-
-
 class StopSignal:
   """Turns SIGTERM/SIGINT into "finish this step, checkpoint and stop".
 
@@ -183,7 +177,7 @@ class StopSignal:
 
   def __init__(self):
     self.received: str | None = None
-    self._multi_process = is_multi_process()
+    self._multi_process = jax.process_count() > 1
     self._previous = {}
 
   def __enter__(self) -> 'StopSignal':

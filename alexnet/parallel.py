@@ -113,6 +113,13 @@ class Layout:
     return self.num_local_devices // self.devices_per_replica
 
   @property
+  def local_replicas(self) -> list[int]:
+    """Global indices of this process's data-parallel replicas, in order."""
+    per = self.devices_per_replica
+    return sorted({i // per for i, device in enumerate(self.devices)
+                   if device.process_index == jax.process_index()})
+
+  @property
   def exchange(self) -> AllTowersHere | PairExchange:
     """The tower exchange the model calls under this layout's pmap."""
     if self.towers_per_device == NUM_TOWERS:

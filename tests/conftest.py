@@ -1,14 +1,18 @@
-"""Test set-up: four fake CPU devices, set before anything imports JAX.
+"""Test set-up and the helpers every test module shares.
 
-Four devices let one process check the one-device, two-device (one tower
-each) and four-device (two replicas of a tower pair) layouts side by side.
-A persistent compilation cache lets the many short training runs (and the
-`main.py` subprocesses, which inherit the environment) compile each step
-once per session.
+Four fake CPU devices, set before anything imports JAX, let one process
+check the one-device, two-device (one tower each) and four-device (two
+replicas of a tower pair) layouts side by side. A persistent compilation
+cache lets the many short training runs (and the `main.py` subprocesses,
+which inherit the environment) compile each step once per session.
 """
 
 import os
 import tempfile
+
+import pytest
+
+from configs import alexnet as configs  # Plain Python: does not import JAX.
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4')
@@ -16,3 +20,35 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       tempfile.mkdtemp(prefix='alexnet-jax-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def repo() -> str:
+  """The repository's root directory."""
+  return _REPO
+
+
+@pytest.fixture(scope='session')
+def testdata(repo) -> str:
+  """tests/testdata: metadata for TFDS's mock data (see its README.md)."""
+  return os.path.join(repo, 'tests', 'testdata')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> str:
+  """One TFDS data directory per module: the offline digits are prepared
+  there once, on first use, and shared by the module's runs."""
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def tiny(data_dir):
+  """tiny(**overrides): the few-second config variant reading `data_dir`."""
+  def make(**overrides):
+    config = configs.get_config('tiny')
+    config.data_dir = data_dir
+    config.update(overrides)
+    return config
+  return make

@@ -2,17 +2,19 @@
 
     python tests/fault_worker.py --config=... --workdir=...   (main.py's flags)
 
-Test-only; the library has no hooks for it. Environment variables:
+Test-only; it wraps public methods only (the library has no test hooks).
+Environment variables:
 
-* FAULT_STEP_SECONDS: sleep this long after each train step, so that a
-  signal sent from outside surely lands while training (tiny steps take
-  milliseconds).
+* FAULT_STEP_SECONDS: sleep this long after each train step (in
+  `StopSignal.should_stop`, asked once per step), so that a signal sent
+  from outside surely lands while training (tiny steps take milliseconds).
 * FAULT_KILL: SIGKILL this process at an exact point:
   - 'save:STEP': when the checkpoint of STEP is requested, before anything
     of it is written (e.g. 'save:2' is "before the first checkpoint");
   - 'commit:STEP': inside orbax's asynchronous commit of STEP, on its
     background thread: every file of the checkpoint is written into the
-    temporary directory, which is not yet renamed to its final name.
+    temporary directory, which is not yet renamed to its final name
+    (`orbax.checkpoint.path.atomicity.AtomicRenameTemporaryPath.finalize`).
 """
 
 import functools
@@ -25,11 +27,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from absl import app  # pylint: disable=g-import-not-at-top
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity
 
 from alexnet import checkpoints
+from alexnet import distributed
 import main
-import train
 
 
 def _die() -> None:
@@ -39,13 +41,13 @@ def _die() -> None:
 
 
 def _slow_steps(seconds: float) -> None:
-  record = train._Progress.record  # pylint: disable=protected-access
+  should_stop = distributed.StopSignal.should_stop
 
-  @functools.wraps(record)
-  def slow_record(self, metrics):
-    record(self, metrics)
+  @functools.wraps(should_stop)
+  def sleep_then_ask(self, step):
     time.sleep(seconds)
-  train._Progress.record = slow_record  # pylint: disable=protected-access
+    return should_stop(self, step)
+  distributed.StopSignal.should_stop = sleep_then_ask
 
 
 def _kill_at_save(step: int) -> None:

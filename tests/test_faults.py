@@ -6,6 +6,7 @@ ends compared with one uninterrupted in-process reference run of the same
 12 steps on 4 devices (2 replicas x 2 towers).
 """
 
+import functools
 import logging
 import os
 import re
@@ -22,33 +23,24 @@ from PIL import Image
 import pytest
 
 from alexnet import checkpoints
-from configs import alexnet as configs
 import main
 import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12  # checkpoint_every_steps is the tiny variant's 2.
 TIMEOUT = 300  # Seconds any one process may take before the test fails.
 
 
-def _tiny(data_dir, **overrides):
-  config = configs.get_config('tiny')
-  config.data_dir = data_dir
-  config.num_train_steps = STEPS
-  config.update(overrides)
-  return config
+@pytest.fixture(scope='module')
+def config(tiny):
+  """config(**overrides): the tiny variant, run for STEPS steps."""
+  return lambda **overrides: tiny(num_train_steps=STEPS, **overrides)
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
-
-
-@pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
+def reference(config, tmp_path_factory):
   """The uninterrupted run: (workdir, final state), in this process."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  state = train.train_and_evaluate(_tiny(data_dir), workdir)
+  state = train.train_and_evaluate(config(), workdir)
   assert state.step == STEPS
   return workdir, state
 
@@ -69,18 +61,18 @@ def _kill_leftovers():
 class _Run:
   """A main.py (or fault_worker.py) process logging to a file."""
 
-  def __init__(self, log, data_dir, workdir, *flags, devices=4,
+  def __init__(self, repo, data_dir, log, workdir, *flags, devices=4,
                script='main.py', **env):
     self.log = log
     environ = dict(os.environ, JAX_PLATFORMS='cpu',
                    XLA_FLAGS=f'--xla_force_host_platform_device_count='
                    f'{devices}', **{k: str(v) for k, v in env.items()})
-    command = [sys.executable, os.path.join(REPO, *script.split('/')),
+    command = [sys.executable, os.path.join(repo, *script.split('/')),
                '--config=configs/alexnet.py:tiny', f'--workdir={workdir}',
                f'--config.data_dir={data_dir}',
                f'--config.num_train_steps={STEPS}', *flags]
     with open(log, 'w') as out:
-      self.process = subprocess.Popen(command, cwd=REPO, env=environ,
+      self.process = subprocess.Popen(command, cwd=repo, env=environ,
                                       stdout=out, stderr=subprocess.STDOUT)
     _STARTED.append(self.process)
 
@@ -102,6 +94,12 @@ class _Run:
     except subprocess.TimeoutExpired:
       self.process.kill()
       raise
+
+
+@pytest.fixture
+def start(repo, data_dir):
+  """start(log, workdir, *flags, devices=4, script='main.py', **env)."""
+  return functools.partial(_Run, repo, data_dir)
 
 
 class _Store:
@@ -126,8 +124,7 @@ def _latest(workdir):
     return store.latest_step()
 
 
-def _restore(workdir, data_dir):
-  config = _tiny(data_dir)
+def _restore(workdir, config):
   state = train.create_train_state(config, train.create_model(config, 10))
   like = {'params': state.params, 'opt_state': state.opt_state,
           'plateau': state.plateau}
@@ -136,8 +133,8 @@ def _restore(workdir, data_dir):
                                 'image_size': config.image_size})
 
 
-def _assert_same_as_reference(workdir, data_dir, reference, exact=True):
-  tree, meta = _restore(workdir, data_dir)
+def _assert_same_as_reference(workdir, config, reference, exact=True):
+  tree, meta = _restore(workdir, config)
   assert meta['step'] == STEPS
   _, state = reference
   if exact:
@@ -163,29 +160,29 @@ def _free_port() -> int:
 # --- Several processes --------------------------------------------------------
 
 
-def _two_processes(tmp_path, data_dir, workdirs, *flags):
+def _two_processes(start, tmp_path, workdirs, *flags):
   address = f'--config.coordinator_address=127.0.0.1:{_free_port()}'
-  return [_Run(tmp_path / f'process{i}.log', data_dir, workdirs[i], address,
+  return [start(tmp_path / f'process{i}.log', workdirs[i], address,
                '--config.num_processes=2', f'--config.process_id={i}', *flags,
                devices=2) for i in range(2)]
 
 
-def test_two_processes_equal_one_process(reference, data_dir, tmp_path):
+def test_two_processes_equal_one_process(reference, start, config, tmp_path):
   """2 processes x 2 devices (gloo) == 1 process x 4 devices."""
   workdir = str(tmp_path / 'run')
-  runs = _two_processes(tmp_path, data_dir, [workdir] * 2)
+  runs = _two_processes(start, tmp_path, [workdir] * 2)
   assert [run.wait() for run in runs] == [0, 0], runs[1].text()[-3000:]
   assert 'JAX process 1 of 2' in runs[1].text()
   # Summaries and pictures come from process 0 only.
   assert len([n for n in os.listdir(workdir) if 'tfevents' in n]) == 1
-  _assert_same_as_reference(workdir, data_dir, reference, exact=False)
+  _assert_same_as_reference(workdir, config(), reference, exact=False)
 
 
-def _resume_in_process(workdir, data_dir, reference, step, caplog):
+def _resume_in_process(workdir, config, reference, step, caplog):
   """Finishes the run here (quicker than a process); it must resume from
   `step` and end exactly where the reference did."""
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(_tiny(data_dir), workdir)
+  state = train.train_and_evaluate(config, workdir)
   assert f'Resuming from step {step} ' in caplog.text
   _, want = reference
   assert state.step == want.step == _latest(workdir)
@@ -197,9 +194,9 @@ def _resume_in_process(workdir, data_dir, reference, step, caplog):
 
 
 def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
-    reference, data_dir, tmp_path, caplog):
+    reference, start, config, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
-  run = _Run(tmp_path / 'term.log', data_dir, workdir,
+  run = start(tmp_path / 'term.log', workdir,
              script='tests/fault_worker.py', FAULT_STEP_SECONDS=0.2)
   run.wait_for(f'step 3/{STEPS}')
   sent = time.monotonic()
@@ -214,18 +211,17 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes(
   # Typically 2-4 s here; the bound is loose for a loaded CI machine.
   assert seconds < 120, run.text()[-3000:]
 
-  _resume_in_process(workdir, data_dir, reference, stopped, caplog)
+  _resume_in_process(workdir, config(), reference, stopped, caplog)
 
 
-def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path,
+def test_sigkill_anywhere_loses_no_work(reference, start, config, tmp_path,
                                        caplog):
   """Killed before the first checkpoint, while training, during a save."""
   workdir = str(tmp_path / 'run')
   worker = 'tests/fault_worker.py'
 
   def killed(name, **env):
-    run = _Run(tmp_path / f'{name}.log', data_dir, workdir, script=worker,
-               **env)
+    run = start(tmp_path / f'{name}.log', workdir, script=worker, **env)
     return run
 
   # Before the first checkpoint (step 2) is written.
@@ -247,7 +243,7 @@ def test_sigkill_anywhere_loses_no_work(reference, data_dir, tmp_path,
   assert run.wait() == -signal.SIGKILL, run.text()[-3000:]
   assert _temporary(workdir), os.listdir(os.path.join(workdir, 'checkpoints'))
 
-  _resume_in_process(workdir, data_dir, reference, 8, caplog)
+  _resume_in_process(workdir, config(), reference, 8, caplog)
   assert not _temporary(workdir)
 
 
@@ -302,17 +298,17 @@ def _main_in_process(workdir, config) -> str | int | None:
      'missing: config.coordinator_address, config.process_id'),
 ])
 def test_bad_config_exits_with_its_message_and_no_workdir(
-    data_dir, tmp_path, overrides, message):
+    config, tmp_path, overrides, message):
   workdir = tmp_path / 'run'
-  code = _main_in_process(workdir, _tiny(data_dir, **overrides))
+  code = _main_in_process(workdir, config(**overrides))
   assert isinstance(code, str) and re.match(f'error: .*{message}', code), code
   assert not workdir.exists()
 
 
-def test_bad_config_exits_non_zero_from_a_real_process(data_dir, tmp_path):
+def test_bad_config_exits_non_zero_from_a_real_process(start, tmp_path):
   """An odd number of devices in the process (3) with model parallelism."""
   workdir = tmp_path / 'run'
-  run = _Run(tmp_path / 'odd.log', data_dir, workdir, devices=3)
+  run = start(tmp_path / 'odd.log', workdir, devices=3)
   assert run.wait() == 1
   assert re.search('error: .*this process has 3 devices, an odd number.*'
                    'model_parallel=False', run.text()), run.text()[-3000:]
@@ -321,24 +317,23 @@ def test_bad_config_exits_non_zero_from_a_real_process(data_dir, tmp_path):
 
 
 def test_checkpoint_of_other_classes_is_refused_untouched(
-    reference, data_dir, tmp_path):
+    reference, config, tmp_path):
   _folder_of_three_classes(tmp_path / 'folder')
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference[0], workdir)
   before = _snapshot(workdir)
-  code = _main_in_process(workdir, _tiny(
-      data_dir, dataset='folder', eval_split='test',
-      folder=str(tmp_path / 'folder')))
+  code = _main_in_process(workdir, config(
+      dataset='folder', eval_split='test', folder=str(tmp_path / 'folder')))
   assert re.match(r"error: .*'num_classes': 10.*'num_classes': 3", code), code
   assert _snapshot(workdir) == before
 
 
 def test_workdir_not_shared_by_all_processes_fails_clearly(
-    reference, data_dir, tmp_path):
+    reference, start, tmp_path):
   """Process 0 sees the reference's checkpoint, process 1 an empty dir."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference[0], workdir)
-  runs = _two_processes(tmp_path, data_dir, [workdir, str(tmp_path / 'other')])
+  runs = _two_processes(start, tmp_path, [workdir, str(tmp_path / 'other')])
   for run in runs:
     assert run.wait() == 1, run.text()[-3000:]
     assert (f'process 0: step {STEPS}, process 1: none' in run.text()

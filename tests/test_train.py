@@ -1,13 +1,13 @@
-"""Training end to end, resume, the paper's optimizer, plateau, exact eval."""
+"""Training end to end, resume, evaluating a checkpoint, optimizer, plateau."""
 
 import glob
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,26 +18,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet import checkpoints
-from alexnet import parallel
+from alexnet import errors
+from alexnet import reporting
+from alexnet import schedule
 from configs import alexnet as configs
-import input_pipeline
 import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTDATA = os.path.join(REPO, 'tests', 'testdata')
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """One prepared copy of the offline digits for the whole module."""
-  return str(tmp_path_factory.mktemp('data'))
-
-
-def _tiny(data_dir, **overrides):
-  config = configs.get_config('tiny')
-  config.data_dir = data_dir
-  config.update(overrides)
-  return config
 
 
 def _scalars(workdir):
@@ -68,10 +53,10 @@ def _assert_finished_run(workdir, steps):
 
 
 @pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
+def trained(tiny, tmp_path_factory):
   """A finished 4-step run on two devices (one tower each): (config, dir)."""
   workdir = str(tmp_path_factory.mktemp('two_devices'))
-  config = _tiny(data_dir, num_devices=2)
+  config = tiny(num_devices=2)
   state = train.train_and_evaluate(config, workdir)
   assert state.step == 4
   return config, workdir
@@ -82,29 +67,29 @@ def test_end_to_end_two_devices(trained):
   _assert_finished_run(workdir, steps=4)
 
 
-def test_end_to_end_one_device(data_dir, tmp_path):
-  state = train.train_and_evaluate(_tiny(data_dir, num_devices=1),
+def test_end_to_end_one_device(tiny, tmp_path):
+  state = train.train_and_evaluate(tiny(num_devices=1),
                                    str(tmp_path))
   _assert_finished_run(str(tmp_path), steps=4)
   assert state.params['conv1']['kernel'].shape[0] == 2  # Both towers.
 
 
-def test_end_to_end_mock_imagenet(tmp_path):
-  config = _tiny(str(tmp_path / 'data'), dataset='imagenet2012',
-                 train_split='train', eval_split='validation', num_devices=2,
-                 num_train_steps=2, pca_stats='imagenet')
-  with tfds.testing.mock_data(num_examples=16, data_dir=TESTDATA,
+def test_end_to_end_mock_imagenet(tiny, testdata, tmp_path):
+  config = tiny(data_dir=str(tmp_path / 'data'), dataset='imagenet2012',
+                train_split='train', eval_split='validation', num_devices=2,
+                num_train_steps=2, pca_stats='imagenet')
+  with tfds.testing.mock_data(num_examples=16, data_dir=testdata,
                               policy=tfds.testing.MockPolicy.USE_FILES):
     state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   _assert_finished_run(str(tmp_path / 'run'), steps=2)
   assert state.params['fc8']['kernel'].shape[-1] == 500  # 1000 classes.
 
 
-def test_resume_equals_uninterrupted(data_dir, tmp_path):
+def test_resume_equals_uninterrupted(tiny, tmp_path):
   """2 steps, restart, 2 more == 4 straight (4 devices: 2 replicas x 2)."""
-  config = _tiny(data_dir, num_devices=4)
+  config = tiny(num_devices=4)
   interrupted, straight = str(tmp_path / 'a'), str(tmp_path / 'b')
-  train.train_and_evaluate(_tiny(data_dir, num_devices=4, num_train_steps=2),
+  train.train_and_evaluate(tiny(num_devices=4, num_train_steps=2),
                            interrupted)
   resumed = train.train_and_evaluate(config, interrupted)
   uninterrupted = train.train_and_evaluate(config, straight)
@@ -119,8 +104,7 @@ def test_incompatible_checkpoint_is_refused_untouched(trained):
   config = config.copy_and_resolve_references()
   config.width = 0.25
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                     match='width'):
+  with pytest.raises(errors.WorkdirError, match='width'):
     train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
 
@@ -132,7 +116,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
   config = config.copy_and_resolve_references()
   config.learning_rate = 1e30
   config.num_train_steps = 8
-  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+  with pytest.raises(errors.DivergedError, match='last good checkpoint'):
     train.train_and_evaluate(config, workdir)
   store = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                   keep=2)
@@ -143,6 +127,50 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
   restored, _ = store.restore(like, {'num_classes': 10, 'width': 0.125,
                                      'image_size': 67})
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['params']))
+
+
+# --- Evaluating a checkpoint without training (main.py --mode=eval) --------
+
+
+def test_eval_mode_equals_the_runs_own_evaluation(trained):
+  """The last checkpoint, restored on another layout (one device), scores
+  what the run logged when it evaluated the same parameters."""
+  config, workdir = trained
+  logged = _scalars(workdir)
+  config = config.copy_and_resolve_references()
+  config.num_devices = 1
+  step, results = train.evaluate_checkpoint(config, workdir)
+  assert step == 4
+  assert set(results) == {'eval'}
+  for name in ('centre_top1_error', 'centre_top5_error', 'centre_loss',
+               'ten_crop_top1_error', 'ten_crop_top5_error', 'ten_crop_loss'):
+    assert results['eval'][name] == pytest.approx(
+        logged[f'eval/{name}'][4], rel=1e-5), name
+  # Only the last step was evaluated, so it is also the best; step 2 is
+  # kept as the other latest checkpoint.
+  assert train.evaluate_checkpoint(config, workdir, 'best')[0] == 4
+  assert train.evaluate_checkpoint(config, workdir, '2')[0] == 2
+  with pytest.raises(errors.WorkdirError, match=r'step 3 .*\[2, 4\]'):
+    train.evaluate_checkpoint(config, workdir, '3')
+
+
+def test_main_eval_mode_prints_errors_or_explains_an_empty_workdir(
+    repo, trained, tmp_path):
+  config, workdir = trained
+  flags = ['--config=configs/alexnet.py:tiny',
+           f'--config.data_dir={config.data_dir}',
+           '--config.num_devices=2', '--mode=eval']
+  result = _main(repo, *flags, f'--workdir={workdir}', '--checkpoint=best')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Checkpoint of step 4 in {workdir}' in result.stdout
+  for crop in ('centre', 'ten_crop'):
+    assert re.search(f'eval +{crop} +top-1 error +[0-9.]+%  top-5 error',
+                     result.stdout), result.stdout
+  empty = _main(repo, *flags, f'--workdir={tmp_path}/none')
+  assert empty.returncode == 1
+  assert 'error: No checkpoint in' in empty.stderr, empty.stderr[-3000:]
+  assert 'Traceback' not in empty.stderr
+  assert not os.path.exists(tmp_path / 'none')
 
 
 # --- Optimizer and schedule ---------------------------------------------------
@@ -188,112 +216,31 @@ def test_plateau_drops_after_patience_and_never_otherwise():
   config = configs.get_config()
   config.plateau.patience = 2
   config.plateau.max_drops = 2
-  plateau = train.make_plateau(config)
+  plateau = schedule.make_plateau(config)
   state = plateau.init(None)
   errors = [0.9, 0.8, 0.7, 0.7, 0.7, 0.6, 0.6995, 0.65, 0.7, 0.7, 0.7, 0.7]
   drops = []
   for error in errors:
     _, state = plateau.update({}, state, value=error)
-    drops.append(train.plateau_drops(config, state))
+    drops.append(schedule.plateau_drops(config, state))
   # Improvements reset the count; 0.6995 is within min_delta of 0.6 so it
   # does not count as one. Drops at the 2nd non-improving evaluation, then
   # never more than max_drops.
   assert drops == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
 
 
-# --- Exact evaluation ---------------------------------------------------------
-
-
-def _hand_metrics(logits, labels, mask):
-  """Numpy, one example at a time."""
-  sums = {'count': 0.0}
-  for logit, label, keep in zip(logits, labels, mask):
-    if not keep:
-      continue
-    sums['count'] += 1
-    probs = np.exp(logit - logit.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    for name, p in (('centre', probs[0]), ('ten_crop', probs.mean(0))):
-      order = np.argsort(-p, kind='stable')
-      rank = list(order).index(label)
-      for key, value in ((f'{name}_loss', -np.log(p[label])),
-                         (f'{name}_top1_error', float(rank >= 1)),
-                         (f'{name}_top5_error', float(rank >= 5))):
-        sums[key] = sums.get(key, 0.0) + value
-  return train.summarize(sums)
-
-
-def test_eval_metrics_equal_hand_computed_values_with_padding():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(7, 10, 8)).astype(np.float32) * 3
-  labels = rng.integers(0, 8, size=7)
-  mask = np.array([1, 1, 1, 1, 1, 0, 0], bool)
-  logits[5:] = 100.0 * np.eye(8)[0]  # Padding that would be "right".
-  got = train.summarize(jax.device_get(train.eval_metrics(
-      jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))))
-  want = _hand_metrics(logits, labels, mask)
-  assert got.keys() == want.keys()
-  for key in want:
-    assert got[key] == pytest.approx(want[key], rel=1e-5), key
-  # Centre and 10-crop must differ here, or the test proves little.
-  assert got['centre_loss'] != pytest.approx(got['ten_crop_loss'])
-
-
-class _FixedLogits:
-  """A fake model: logits are pixels of the first row of channel 0."""
-
-  def __init__(self, classes):
-    self.classes = classes
-
-  def apply(self, variables, images, train):
-    del variables, train
-    return images[:, 0, :self.classes, 0]
-
-
-def test_eval_step_is_exact_across_replicas_and_padding():
-  layout = parallel.Layout.create(True, devices=jax.devices()[:4])
-  rng = np.random.default_rng(1)
-  classes, views, n, per_shard = 6, 10, 11, 3
-  logits = rng.normal(size=(n, views, classes)).astype(np.float32)
-  labels = rng.integers(0, classes, size=n)
-  batches = []
-  for start in range(0, n, layout.num_replicas * per_shard):
-    size = layout.num_replicas * per_shard
-    chunk = np.zeros((size, views, classes), np.float32)
-    got = logits[start:start + size]
-    chunk[:len(got)] = got
-    images = np.zeros((size, views, 2, classes, 1), np.float32)
-    images[:, :, 0, :, 0] = chunk
-    batch = {'image': images,
-             'label': np.pad(labels[start:start + size],
-                             (0, size - len(got))).astype(np.int32),
-             'mask': np.arange(size) < len(got)}
-    batches.append(jax.tree.map(
-        lambda x: x.reshape(layout.num_replicas, per_shard, *x.shape[1:]),
-        batch))
-  p_eval = layout.pmap(
-      lambda params, batch: train.eval_step(
-          params, batch, model=_FixedLogits(classes), layout=layout),
-      out_axes=None)
-  params = layout.shard_towers({'unused': np.zeros((2, 1))})
-  got = train.evaluate(p_eval, params, batches, layout)
-  want = _hand_metrics(logits, labels, np.ones(n, bool))
-  for key in want:
-    assert got[key] == pytest.approx(want[key], rel=1e-5), key
-
-
 # --- Warnings and configuration errors ----------------------------------------
 
 
 def test_flat_loss_warns_once_naming_the_cause_and_the_field():
-  monitor = train.FlatLossMonitor(10, patience=2, init_scheme='paper')
+  monitor = reporting.FlatLossMonitor(10, patience=2, init_scheme='paper')
   chance = math.log(10)
   warnings = [monitor.update(loss) for loss in
               (chance + 0.001, chance - 0.002, chance, chance, 1.2)]
   assert [w is not None for w in warnings] == [False, True, False, False,
                                                False]
   assert 'init_scheme=caffe' in warnings[1] and 'ln(10)' in warnings[1]
-  learning = train.FlatLossMonitor(10, patience=2, init_scheme='paper')
+  learning = reporting.FlatLossMonitor(10, patience=2, init_scheme='paper')
   assert all(learning.update(loss) is None for loss in (2.3, 1.9, 1.2, 0.8))
 
 
@@ -305,22 +252,23 @@ def test_flat_loss_warns_once_naming_the_cause_and_the_field():
     (dict(eval_every_epochs=-1.0), 'eval_every_epochs=-1.0 must be'),
     (dict(init_scheme='xavier'), 'init_scheme'),
 ])
-def test_bad_configs_are_refused_before_any_work(data_dir, tmp_path,
-                                                 overrides, message):
+def test_bad_configs_are_refused_before_any_work(tiny, tmp_path, overrides,
+                                                 message):
   workdir = tmp_path / 'run'
-  with pytest.raises(train.ConfigError, match=message):
-    train.train_and_evaluate(_tiny(data_dir, **overrides), str(workdir))
+  with pytest.raises(errors.ConfigError, match=message):
+    train.train_and_evaluate(tiny(**overrides), str(workdir))
   assert not workdir.exists()
 
 
-def _main(*args, cwd=REPO):
+def _main(repo, *args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=repo, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
-def test_main_overrides_a_field(data_dir, tmp_path):
-  result = _main('--config=configs/alexnet.py:tiny', f'--workdir={tmp_path}',
+def test_main_overrides_a_field(repo, data_dir, tmp_path):
+  result = _main(repo, '--config=configs/alexnet.py:tiny',
+                 f'--workdir={tmp_path}',
                  f'--config.data_dir={data_dir}', '--config.num_train_steps=2',
                  '--config.batch_size=4')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -328,16 +276,18 @@ def test_main_overrides_a_field(data_dir, tmp_path):
   assert os.listdir(tmp_path / 'checkpoints') == ['2']
 
 
-def test_main_refuses_an_unknown_field(tmp_path):
-  result = _main('--config=configs/alexnet.py:tiny', f'--workdir={tmp_path}',
+def test_main_refuses_an_unknown_field(repo, tmp_path):
+  result = _main(repo, '--config=configs/alexnet.py:tiny',
+                 f'--workdir={tmp_path}',
                  '--config.batch_sise=4')
   assert result.returncode != 0
   assert 'batch_sise' in result.stderr
   assert not os.listdir(tmp_path)
 
 
-def test_main_explains_a_missing_dataset(tmp_path):
-  result = _main('--config=configs/alexnet.py', f'--workdir={tmp_path}/run',
+def test_main_explains_a_missing_dataset(repo, tmp_path):
+  result = _main(repo, '--config=configs/alexnet.py',
+                 f'--workdir={tmp_path}/run',
                  f'--config.data_dir={tmp_path}/data')
   assert result.returncode != 0
   assert 'ILSVRC2012_img_train.tar' in result.stderr
