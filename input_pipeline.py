@@ -231,13 +231,13 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
     return {'image': ops.flip_if(image, flip), 'offset': offset,
             'flip': flip, 'shift': shift, 'label': label}
 
-  per_replica = [
+  replica_batches = [
       epochs.train_examples(
           config, source, lighting, replica=replica,
           num_replicas=num_replicas, steps_per_epoch=epoch_steps,
           start_step=start_step).map(wire, num_parallel_calls=AUTOTUNE)
       .batch(batch, drop_remainder=True) for replica in replicas]
-  return _stack(per_replica).prefetch(AUTOTUNE).with_options(
+  return _stack(replica_batches).prefetch(AUTOTUNE).with_options(
       _options(threads))
 
 
