@@ -1,0 +1,158 @@
+"""Host overhead of the training loop per step, on 4 fake CPU devices.
+
+Runs `train.train_and_evaluate` (the real loop: tf.data pipeline, prefetch
+thread, mapped step with on-device normalisation, metrics, stop checks)
+with a trivially cheap model in place of AlexNet, so that what remains is
+the host's work, and times, side by side in one run, a pure loop calling
+the same mapped `train.train_step` on one batch already on the devices.
+
+Per step it prints the marginal wall time (the difference of a long and a
+short run over the difference of their steps, which cancels compilation,
+evaluation and checkpoints) and the main thread's CPU time. Target: the
+real loop's overhead over the pure loop <= 2 ms per step.
+
+    python bench/loop_overhead.py [--steps=2000]
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Runnable as `python bench/loop_overhead.py` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet import model as model_lib
+from alexnet import parallel
+from configs import alexnet
+import train
+
+_STEPS = flags.DEFINE_integer('steps', 2000, 'Steps of the long runs.')
+# Both loops wait for the devices this often (the real loop when it logs):
+# XLA's CPU collectives time out when hundreds of steps are in flight on a
+# loaded 2-core host.
+SYNC_EVERY = 50
+
+
+class _MeanPixelConv(nn.Module):
+  """A 1x1 convolution of the mean pixel, one kernel per local tower."""
+
+  features: int
+  towers: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.zeros,
+                        (self.towers, 1, 1, 3, self.features))
+    out = jnp.einsum('bc,tck->btk', images.mean(axis=(1, 2)), kernel[:, 0, 0])
+    return out.reshape(images.shape[0], -1)
+
+
+class CheapNet(nn.Module):
+  """A ~free stand-in for AlexNet with the same contract.
+
+  Tower-stacked parameters, named params['conv1']['kernel'] (the kernel
+  picture written at each evaluation reads it), and the layout's exchange.
+  """
+
+  num_classes: int
+  exchange: model_lib.Exchange = model_lib.AllTowersHere()
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    del train
+    per_tower = -(-self.num_classes // model_lib.NUM_TOWERS)
+    logits = _MeanPixelConv(per_tower, self.exchange.local_towers,
+                            name='conv1')(images)
+    return self.exchange(logits)[:, :self.num_classes]
+
+
+def _cheap_model(config, num_classes, exchange=model_lib.AllTowersHere()):
+  """Stands in for `train.create_model`."""
+  del config
+  return CheapNet(num_classes, exchange)
+
+
+def _config(data_dir: str, steps: int):
+  config = alexnet.get_config('tiny')
+  # Evaluation and checkpoints only at the end, so that long and short runs
+  # do the same fixed work, which their difference cancels.
+  config.update(dict(data_dir=data_dir, num_devices=4, num_train_steps=steps,
+                     batch_size=8, checkpoint_every_steps=10 ** 6,
+                     eval_every_epochs=10 ** 3, log_every_steps=SYNC_EVERY,
+                     eval_split='test[:8]'))
+  return config
+
+
+def real_loop(data_dir: str, steps: int) -> tuple[float, float]:
+  """(wall s, main-thread CPU s) of a whole run of `steps` steps."""
+  with tempfile.TemporaryDirectory() as workdir:
+    wall, cpu = time.perf_counter(), time.thread_time()
+    train.train_and_evaluate(_config(data_dir, steps), workdir)
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
+  """(wall s, main-thread CPU s) of `steps` mapped steps on one batch."""
+  config = _config(data_dir, steps)
+  layout = parallel.Layout.create(True, jax.devices()[:4])
+  state = train.create_train_state(config, _cheap_model(config, 10))
+  device_state = layout.shard_towers({'params': state.params,
+                                      'opt_state': state.opt_state})
+  per_replica = config.batch_size // layout.num_replicas
+  size = config.image_size
+  batch = layout.shard_batch({
+      'image': np.zeros((layout.num_local_replicas, per_replica, size, size,
+                         3), np.float32),
+      'label': np.zeros((layout.num_local_replicas, per_replica), np.int32)})
+  step_fn = layout.pmap(
+      lambda s, b, lr, t: train.train_step(
+          s, b, lr, t, model=_cheap_model(config, 10, layout.exchange),
+          layout=layout, config=config),
+      in_axes=(0, 0, None, None), out_axes=(0, None), donate_argnums=(0,))
+  device_state, _ = step_fn(device_state, batch, 0.01, 0)  # Compiles.
+  jax.block_until_ready(device_state)
+  wall, cpu = time.perf_counter(), time.thread_time()
+  for step in range(steps):
+    device_state, metrics = step_fn(device_state, batch, 0.01, step)
+    if step % SYNC_EVERY == 0:
+      jax.block_until_ready(metrics)
+  jax.block_until_ready((device_state, metrics))
+  return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  train.create_model = _cheap_model  # The real loop, a ~free model.
+  long, short = _STEPS.value, _STEPS.value // 4
+  with tempfile.TemporaryDirectory() as data_dir:
+    real_loop(data_dir, short)  # Prepares the data, warms the caches.
+    real = np.subtract(real_loop(data_dir, long), real_loop(data_dir, short))
+    pure = pure_loop(data_dir, long - short)
+  real_ms = 1e3 * real / (long - short)
+  pure_ms = 1e3 * np.asarray(pure) / (long - short)
+  print(f'4 fake devices (2 replicas of a tower pair), batch 8, '
+        f'{long - short} steps; load average {os.getloadavg()[0]:.1f}')
+  print(f'{"ms per step":30s} {"wall":>8s} {"main-thread CPU":>16s}')
+  print(f'{"real loop (train_and_evaluate)":30s} {real_ms[0]:8.2f} '
+        f'{real_ms[1]:16.2f}')
+  print(f'{"pure loop (mapped step only)":30s} {pure_ms[0]:8.2f} '
+        f'{pure_ms[1]:16.2f}')
+  print(f'{"host overhead (real - pure)":30s} {real_ms[0] - pure_ms[0]:8.2f} '
+        f'{real_ms[1] - pure_ms[1]:16.2f}   (target <= 2 ms)')
+
+
+if __name__ == '__main__':
+  app.run(main)
