@@ -27,6 +27,7 @@ from optax import contrib
 
 from alexnet import checkpoints
 from alexnet import distributed
+from alexnet import errors
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import pictures
@@ -57,14 +58,17 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 exchange: model_lib.Exchange = model_lib.AllTowersHere()
+                 exchange: model_lib.Exchange | None = None
                  ) -> model_lib.AlexNet:
-  """The net the config describes, with the layout's tower exchange."""
+  """The net the config describes; `exchange` None keeps all towers local."""
   return model_lib.AlexNet(
-      num_classes=num_classes, width=config.width, lrn_k=config.lrn.k,
+      num_classes=num_classes, width=config.width, towers=config.towers,
+      lrn_enabled=config.lrn.enabled, lrn_k=config.lrn.k,
       lrn_size=config.lrn.size, lrn_alpha=config.lrn.alpha,
-      lrn_beta=config.lrn.beta, dropout_rate=config.dropout_rate,
-      init_scheme=config.init_scheme, dtype=jnp.dtype(config.dtype),
+      lrn_beta=config.lrn.beta, pool_size=config.pool_size,
+      pool_stride=config.pool_stride, activation=config.activation,
+      dropout_rate=config.dropout_rate, init_scheme=config.init_scheme,
+      conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype),
       exchange=exchange)
 
 
@@ -371,8 +375,10 @@ def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
                         'several processes.')
     devices = jax.local_devices()[:config.num_devices]
   try:
-    return parallel.Layout.create(config.model_parallel, devices)
-  except ValueError as error:
+    return parallel.Layout.create(config.model_parallel, devices,
+                                  towers=config.towers)
+  except errors.ConfigError as error:
+    # Until this module raises errors.ConfigError itself.
     raise ConfigError(str(error)) from None
 
 
