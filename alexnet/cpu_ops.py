@@ -206,15 +206,17 @@ def _patch_grad_conv_bwd(stride, pads, residuals, g):
   # drops it.
   _, input_vjp = jax.vjp(lambda x: xla_conv(x, kernel, stride, pads), x)
 
-  # Summed over blocks in float32 whatever the compute dtype.
+  # Summed over blocks in float32 (at least) whatever the compute dtype.
+  total_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+
   def add_block(total, block):
     xc, gc = block
     patches = _patches(xc, kernel.shape[:2], stride, pads)
     return total + jnp.einsum('nhwp,nhwo->po', patches, gc,
-                              preferred_element_type=jnp.float32), None
+                              preferred_element_type=total_dtype), None
 
   zero = jnp.zeros((math.prod(kernel.shape[:3]), kernel.shape[3]),
-                   jnp.float32)
+                   total_dtype)
   kernel_grad, _ = lax.scan(add_block, zero,
                             (_batch_chunks(x), _batch_chunks(g)))
   return input_vjp(g)[0], kernel_grad.reshape(kernel.shape).astype(

@@ -291,7 +291,9 @@ class AlexNet(nn.Module):
 
   @property
   def _exchange(self) -> Exchange:
-    return AllTowersHere(self.towers) if self.exchange is None else self.exchange
+    if self.exchange is None:
+      return AllTowersHere(self.towers)
+    return self.exchange
 
   def _lrn(self, x: Array) -> Array:
     """The paper's LRN inside each local tower, or the identity if disabled."""

@@ -4,8 +4,9 @@ A training step is `train.train_step` itself (forward with dropout, softmax
 cross-entropy, backward and the paper's update from `train.make_optimizer`),
 mapped by `alexnet.parallel.Layout` exactly as training maps it (one `pmap`;
 both towers on one device with --devices=1, one tower per device with
---devices=2), on the paper config's model. Eval is the forward pass alone. Compile time and warm-up steps are excluded and every timed step is
-blocked on, so the figures are steady-state throughput.
+--devices=2), on the paper config's model. Eval is the forward pass alone.
+Compile time and warm-up steps are excluded and every timed step is blocked
+on, so the figures are steady-state throughput.
 
 When torch is importable, `bench/peer_torch.py` measures the same grouped net
 in the same process and the JAX/PyTorch ratios are printed: the machine is
@@ -82,7 +83,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 
 from alexnet import parallel  # pylint: disable=g-import-not-at-top
 from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
-from configs import alexnet as alexnet_configs  # pylint: disable=g-import-not-at-top
+from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
 import train  # pylint: disable=g-import-not-at-top
 
 NUM_CLASSES = 1000
@@ -90,7 +91,7 @@ NUM_CLASSES = 1000
 
 def paper_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The paper's recipe with the bench's dtype and convolutions."""
-  config = alexnet_configs.get_config()
+  config = configs.get_config()
   config.dtype = args.dtype
   config.conv_impl = args.conv_impl
   return config
