@@ -20,7 +20,9 @@ fc6 4096 -> fc7 4096 -> fc8 1000.
 
 The paper's ablations (docs/REFERENCE.md, Ablations) are attributes: LRN
 off, 2x2 non-overlapping pooling, tanh units, and `towers=1`, one tower of
-half the kernels at every layer with all classes in its fc8. The layers'
+half the kernels at every layer with all classes in its fc8 (the paper's
+footnote says its one-GPU net kept conv5 and the fully connected layers at
+full size; this one is exactly one tower of the two-tower net). The layers'
 CPU kernels live in `cpu_ops.py`.
 """
 
@@ -200,8 +202,9 @@ def _refuse_unless(ok: bool, message: str) -> None:
 class AlexNet(nn.Module):
   """The paper's net, for the towers one device holds (see module docstring).
 
-  Attributes take the names of the config fields that set them, which
-  invalid values are refused with (`errors.ConfigError`).
+  Invalid values are refused with an `errors.ConfigError` that names the
+  config field setting them (the field of the same name; `lrn_enabled` is
+  config.lrn.enabled).
 
   Attributes:
     num_classes: logits returned. fc8 gives ceil(num_classes / towers) per
