@@ -219,7 +219,9 @@ class AlexNet(nn.Module):
     dropout_rate: dropout after fc6 and fc7 in training.
     init_scheme: a key of INITIALIZATIONS.
     conv_impl: one of CONV_IMPLS.
-    dtype: compute dtype; parameters are always float32.
+    dtype: compute dtype of every layer; parameters are always float32.
+      In bfloat16, float32 accumulation or a float32 conv1 barely change
+      the gradients' direction (`bench/bf16.py`), so neither is used.
     exchange: the tower exchange; None for all towers on one device.
   """
 
