@@ -6,8 +6,8 @@ Everything the training code needs to know about devices lives here.
   identity, and the towers run unrolled (not `vmap`-ed, which would turn
   the tower-local convolutions into slow grouped ones).
 * Model parallel (the paper's layout, two towers), 2R devices: devices 2r
-  and 2r+1 hold tower 0 and tower 1 of data-parallel replica r (`towers_per_device=1`).
-  Each device holds only its tower's parameters and optimizer state. The
+  and 2r+1 hold tower 0 and tower 1 of data-parallel replica r
+  (`towers_per_device=1`). Each device holds only its tower's parameters and optimizer state. The
   exchange is an all-gather inside the pair; gradients are averaged over
   the R replicas of the same tower.
 * Data parallel only (`model_parallel=False`), R devices: both towers on

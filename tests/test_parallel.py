@@ -198,7 +198,8 @@ def test_both_devices_of_a_pair_get_their_replicas_batch():
 
 
 def test_layout_shapes():
-  assert (_layout(1, True).num_replicas, _layout(1, True).towers_per_device) == (1, 2)
+  one = _layout(1, True)
+  assert (one.num_replicas, one.towers_per_device) == (1, 2)
   four = _layout(4, True)
   assert (four.num_replicas, four.towers_per_device) == (2, 1)
   assert four._groups(by_replica=True) == ((0, 1), (2, 3))
