@@ -53,14 +53,17 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 exchange: model_lib.Exchange = model_lib.AllTowersHere()
+                 exchange: model_lib.Exchange | None = None
                  ) -> model_lib.AlexNet:
-  """The net the config describes, with the layout's tower exchange."""
+  """The net the config describes; `exchange` None keeps all towers local."""
   return model_lib.AlexNet(
-      num_classes=num_classes, width=config.width, lrn_k=config.lrn.k,
+      num_classes=num_classes, width=config.width, towers=config.towers,
+      lrn_enabled=config.lrn.enabled, lrn_k=config.lrn.k,
       lrn_size=config.lrn.size, lrn_alpha=config.lrn.alpha,
-      lrn_beta=config.lrn.beta, dropout_rate=config.dropout_rate,
-      init_scheme=config.init_scheme, dtype=jnp.dtype(config.dtype),
+      lrn_beta=config.lrn.beta, pool_size=config.pool_size,
+      pool_stride=config.pool_stride, activation=config.activation,
+      dropout_rate=config.dropout_rate, init_scheme=config.init_scheme,
+      conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype),
       exchange=exchange)
 
 
@@ -186,10 +189,8 @@ def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
       raise errors.ConfigError('config.num_devices must be 0 (all devices) '
                                'with several processes.')
     devices = jax.local_devices()[:config.num_devices]
-  try:
-    return parallel.Layout.create(config.model_parallel, devices)
-  except ValueError as error:
-    raise errors.ConfigError(str(error)) from None
+  return parallel.Layout.create(config.model_parallel, devices,
+                                towers=config.towers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +210,10 @@ class _Experiment:
   @property
   def signature(self) -> dict[str, Any]:
     """The settings that fix parameter shapes: a checkpoint must match."""
-    return {'num_classes': self.info.num_classes, 'width': self.config.width,
-            'image_size': self.config.image_size}
+    config = self.config
+    return {'num_classes': self.info.num_classes, 'width': config.width,
+            'image_size': config.image_size, 'towers': config.towers,
+            'pool_size': config.pool_size, 'pool_stride': config.pool_stride}
 
   def open_checkpoints(self, read_only: bool = False
                        ) -> checkpoints.Checkpoints:

@@ -25,7 +25,8 @@ def validate(config: ml_collections.ConfigDict,
   if not (config.num_epochs > 0 or config.num_train_steps > 0):
     raise errors.ConfigError('Set a positive config.num_epochs or '
                              'config.num_train_steps.')
-  smallest = model_lib.smallest_image_size()
+  smallest = model_lib.smallest_image_size(config.pool_size,
+                                           config.pool_stride)
   if config.image_size < smallest:
     raise errors.ConfigError(
         f'config.image_size={config.image_size} is too small for the five '
@@ -37,8 +38,8 @@ def validate(config: ml_collections.ConfigDict,
   input_pipeline.validate_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     input_pipeline.per_replica(config, field, layout.num_replicas)
-  choices = {'init_scheme': tuple(model_lib.INITIALIZATIONS),
-             'dtype': ('float32', 'bfloat16'),
+  # The model refuses its own choices (init_scheme, activation, ...).
+  choices = {'dtype': ('float32', 'bfloat16'),
              'plateau_split': ('eval', 'minival')}
   for field, allowed in choices.items():
     if config[field] not in allowed:

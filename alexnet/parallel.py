@@ -5,17 +5,18 @@ Everything the training code needs to know about devices lives here.
 * One device: both towers on it (`towers_per_device=2`); the exchange is the
   identity, and the towers run unrolled (not `vmap`-ed, which would turn
   the tower-local convolutions into slow grouped ones).
-* Model parallel (the paper's layout), 2R devices: devices 2r and 2r+1 hold
-  tower 0 and tower 1 of data-parallel replica r (`towers_per_device=1`).
-  Each device holds only its tower's parameters and optimizer state. The
+* Model parallel (the paper's layout, two towers), 2R devices: devices 2r
+  and 2r+1 hold tower 0 and tower 1 of data-parallel replica r
+  (`towers_per_device=1`). Each device holds only its tower's parameters and optimizer state. The
   exchange is an all-gather inside the pair; gradients are averaged over
   the R replicas of the same tower.
 * Data parallel only (`model_parallel=False`), R devices: both towers on
-  every device, gradients averaged over all devices.
+  every device, gradients averaged over all devices. The one-tower net
+  (`towers=1`) runs only this way.
 
 One flat `jax.pmap` over all devices serves all three (nested pmaps fail in
 this JAX version). Host-side, every tower-stacked tree (parameters,
-optimizer state) has a leading axis of 2, the towers; on devices it is laid
+optimizer state) has a leading axis of `num_towers`; on devices it is laid
 out as [devices, towers_per_device, ...].
 """
 
@@ -28,7 +29,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from alexnet.model import AllTowersHere, NUM_TOWERS
+from alexnet import errors
+from alexnet.model import AllTowersHere
 
 AXIS = 'devices'
 PyTree = Any
@@ -46,7 +48,7 @@ class PairExchange:
                           axis_index_groups=self.pairs)
 
   def first_tower(self) -> jax.Array:
-    return lax.axis_index(AXIS) % NUM_TOWERS
+    return lax.axis_index(AXIS) % 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,40 +57,51 @@ class Layout:
 
   Attributes:
     devices: the devices of all processes, in pmap axis order.
-    towers_per_device: 1 when the towers sit on separate devices, 2 when
-      every device holds both.
+    num_towers: towers of the net (2, or 1 for the one-tower net).
+    towers_per_device: 1 when the towers sit on separate devices,
+      `num_towers` when every device holds all of them.
   """
 
   devices: tuple[jax.Device, ...]
+  num_towers: int
   towers_per_device: int
 
   @classmethod
   def create(cls, model_parallel: bool,
-             devices: tuple[jax.Device, ...] | None = None) -> 'Layout':
+             devices: tuple[jax.Device, ...] | None = None,
+             towers: int = 2) -> 'Layout':
     """The layout over `devices` (default: all devices of all processes).
 
     Args:
       model_parallel: put the two towers on separate devices when there are
-        two or more; otherwise both towers go on every device.
+        two or more; otherwise all towers go on every device.
       devices: a subset of devices to use, e.g. in tests.
+      towers: towers of the net (config.towers).
 
     Returns:
       The layout.
 
     Raises:
-      ValueError: model parallelism with an odd number of devices per process.
+      errors.ConfigError: model parallelism with one tower on several
+        devices, or with an odd number of devices per process.
     """
     devices = tuple(jax.devices() if devices is None else devices)
     num_local = sum(d.process_index == jax.process_index() for d in devices)
-    if model_parallel and len(devices) >= NUM_TOWERS:
-      if num_local % NUM_TOWERS:
-        raise ValueError(
-            f'config.model_parallel=True puts the {NUM_TOWERS} towers on '
-            f'separate devices, but this process has {num_local} devices, an '
-            'odd number. Use an even number of devices per process (e.g. '
-            'CUDA_VISIBLE_DEVICES) or set --config.model_parallel=False.')
-      return cls(devices, towers_per_device=1)
-    return cls(devices, towers_per_device=NUM_TOWERS)
+    if not model_parallel or len(devices) < 2:
+      return cls(devices, towers, towers_per_device=towers)
+    if towers == 1:
+      raise errors.ConfigError(
+          'config.towers=1 has no second tower to put on another device, '
+          f'but config.model_parallel=True and there are {len(devices)} '
+          'devices. Set --config.model_parallel=False to use them for data '
+          'parallelism (or use one device, --config.num_devices=1).')
+    if num_local % towers:
+      raise errors.ConfigError(
+          f'config.model_parallel=True puts the {towers} towers on separate '
+          f'devices, but this process has {num_local} devices, an odd '
+          'number. Use an even number of devices per process (e.g. '
+          'CUDA_VISIBLE_DEVICES) or set --config.model_parallel=False.')
+    return cls(devices, towers, towers_per_device=1)
 
   # --- Shape of the layout --------------------------------------------------
 
@@ -102,7 +115,7 @@ class Layout:
 
   @property
   def devices_per_replica(self) -> int:
-    return NUM_TOWERS // self.towers_per_device
+    return self.num_towers // self.towers_per_device
 
   @property
   def num_replicas(self) -> int:
@@ -122,8 +135,8 @@ class Layout:
   @property
   def exchange(self) -> AllTowersHere | PairExchange:
     """The tower exchange the model calls under this layout's pmap."""
-    if self.towers_per_device == NUM_TOWERS:
-      return AllTowersHere()
+    if self.towers_per_device == self.num_towers:
+      return AllTowersHere(self.num_towers)
     return PairExchange(self._groups(by_replica=True))
 
   def _groups(self, by_replica: bool) -> tuple[tuple[int, ...], ...] | None:
@@ -183,15 +196,20 @@ class Layout:
 
   # --- Between host and devices ---------------------------------------------
 
+  @property
+  def _sharding(self) -> NamedSharding:
+    """Leading axis split over the devices, in pmap order."""
+    return NamedSharding(Mesh(np.array(self.devices), (AXIS,)),
+                         PartitionSpec(AXIS))
+
   def _to_devices(self, local: np.ndarray) -> jax.Array:
     """A global array from this process's [local devices, ...] slice."""
-    mesh = Mesh(np.array(self.devices), (AXIS,))
     return jax.make_array_from_process_local_data(
-        NamedSharding(mesh, PartitionSpec(AXIS)), np.asarray(local),
+        self._sharding, np.asarray(local),
         (self.num_devices, *local.shape[1:]))
 
   def shard_towers(self, tree: PyTree) -> PyTree:
-    """Host tower-stacked tree ([2, ...] leaves) -> per-device towers."""
+    """Host tower-stacked tree ([towers, ...] leaves) -> per-device towers."""
     def shard(leaf):
       leaf = np.asarray(leaf)
       per_replica = leaf.reshape(self.devices_per_replica,
@@ -202,7 +220,7 @@ class Layout:
     return jax.tree.map(shard, tree)
 
   def gather_towers(self, tree: PyTree) -> PyTree:
-    """Per-device towers -> one host copy with [2, ...] leaves.
+    """Per-device towers -> one host copy with [towers, ...] leaves.
 
     Reads the first replica's devices of this process, so every process
     can produce the copy (tower pairs never straddle processes).
@@ -210,7 +228,7 @@ class Layout:
     def gather(leaf):
       shards = sorted(leaf.addressable_shards, key=lambda s: s.index[0].start)
       towers = [np.asarray(s.data) for s in shards[:self.devices_per_replica]]
-      return np.concatenate(towers).reshape(NUM_TOWERS, *leaf.shape[2:])
+      return np.concatenate(towers).reshape(self.num_towers, *leaf.shape[2:])
     return jax.tree.map(gather, tree)
 
   def replicate(self, tree: PyTree) -> PyTree:
@@ -222,8 +240,26 @@ class Layout:
   def shard_batch(self, batch: PyTree) -> PyTree:
     """[local replicas, per replica, ...] host batch -> devices.
 
-    Both devices of a tower pair receive the same images.
+    Each replica's slice goes from the host to the first device of its
+    replica once; the other device of a tower pair gets it by a copy
+    between devices, not a second host copy.
+
+    Args:
+      batch: a tree of [num_local_replicas, per replica, ...] arrays.
+
+    Returns:
+      The tree as global [devices, per replica, ...] arrays.
     """
-    return jax.tree.map(
-        lambda x: self._to_devices(
-            np.repeat(x, self.devices_per_replica, axis=0)), batch)
+    local = [d for d in self.devices if d.process_index == jax.process_index()]
+    per = self.devices_per_replica
+
+    def shard(x):
+      x = np.asarray(x)
+      arrays = []
+      for r in range(self.num_local_replicas):
+        first = jax.device_put(x[r:r + 1], local[r * per])
+        arrays += [first] + [jax.device_put(first, device)
+                             for device in local[r * per + 1:(r + 1) * per]]
+      return jax.make_array_from_single_device_arrays(
+          (self.num_devices, *x.shape[1:]), self._sharding, arrays)
+    return jax.tree.map(shard, batch)

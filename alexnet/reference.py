@@ -1,7 +1,9 @@
 """A plain one-device AlexNet written as a grouped net: the test oracle.
 
 On one device the paper's two towers are exactly a grouped net: conv2, conv4
-and conv5 with two groups, everything else dense (REFERENCE.md). This module
+and conv5 with two groups, everything else dense (docs/REFERENCE.md,
+Architecture); the one-tower net (`towers=1`) is the same net with one
+group of half the kernels. This module
 writes that net with stock Flax layers and `feature_group_count=2`, with an
 LRN computed differently from `model.local_response_norm`, so that the tower
 model can be checked against it. It has no dropout and is not the fast path
@@ -34,10 +36,14 @@ def _grouped_lrn(x: Array, groups: int, k: float, size: int, alpha: float,
 
 
 class GroupedAlexNet(nn.Module):
-  """The same net as `model.AlexNet`, in one piece, grouped convolutions."""
+  """The same net as `model.AlexNet`, in one piece, grouped convolutions.
+
+  `groups` plays the part of `model.AlexNet.towers`.
+  """
 
   num_classes: int = 1000
   width: float = 1.0
+  groups: int = 2
   lrn_k: float = 2.0
   lrn_size: int = 5
   lrn_alpha: float = 1e-4
@@ -45,9 +51,13 @@ class GroupedAlexNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
-    towers = tower_model.NUM_TOWERS
+    towers = self.groups
     ch = {name: towers * max(1, round(c * self.width))
           for name, c in tower_model.TOWER_CHANNELS.items()}
+    if towers == 1:  # The paper's one-GPU net: conv5 and fc6-7 full size.
+      ch.update({name: max(1, round(2 * tower_model.TOWER_CHANNELS[name]
+                                    * self.width))
+                 for name in ('conv5', 'fc6', 'fc7')})
     lrn = lambda x: _grouped_lrn(x, towers, self.lrn_k, self.lrn_size,
                                  self.lrn_alpha, self.lrn_beta)
     pool = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2))
@@ -76,9 +86,8 @@ def _merge_towers(leaf: Any) -> Any:
   return jnp.moveaxis(leaf, 0, -2).reshape(*leaf.shape[1:-1], -1)
 
 
-def _split_towers(leaf: Any) -> Any:
+def _split_towers(leaf: Any, towers: int) -> Any:
   """Inverse of `_merge_towers`."""
-  towers = tower_model.NUM_TOWERS
   split = leaf.reshape(*leaf.shape[:-1], towers, leaf.shape[-1] // towers)
   return jnp.moveaxis(split, -2, 0)
 
@@ -88,6 +97,6 @@ def to_grouped(tower_params: Any) -> Any:
   return jax.tree.map(_merge_towers, tower_params)
 
 
-def from_grouped(grouped_params: Any) -> Any:
+def from_grouped(grouped_params: Any, towers: int = 2) -> Any:
   """Maps `GroupedAlexNet` parameters to stacked tower parameters."""
-  return jax.tree.map(_split_towers, grouped_params)
+  return jax.tree.map(lambda leaf: _split_towers(leaf, towers), grouped_params)

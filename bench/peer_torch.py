@@ -3,7 +3,7 @@
 `bench/train_step.py` imports this module in the same process as the JAX
 benchmark and divides the two images/s figures. The net here is the grouped
 single-device form of the paper's two-tower AlexNet (see
-`shared/REFERENCE.md`): conv2, conv4 and conv5 use `groups=2`, LRN windows stay
+`docs/REFERENCE.md`): conv2, conv4 and conv5 use `groups=2`, LRN windows stay
 inside each tower's channels, everything else is dense. It has 60,965,224
 parameters, the same count as the JAX model and Caffe's bvlc_alexnet.
 

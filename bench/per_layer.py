@@ -8,20 +8,27 @@ layer code of `alexnet.model` (both towers on one device, as
 layer's parameters and of its input (not of the image at conv1, which
 training never needs). 'update' is the paper's optimizer update over all 61M
 parameters. Used by `bench/train_step.py --per_layer` to find where XLA loses.
+
+`print_kernel_table` (`bench/train_step.py --kernels`) times each kernel of
+`alexnet.cpu_ops` against the stock JAX expression it replaces: the figures
+behind `conv_impl='patches'` and the hand-written LRN gradient and pooling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from alexnet import cpu_ops
 from alexnet import model
 from bench import peer_torch
 
@@ -61,13 +68,14 @@ def _dropout(params, x, key):
                                rngs={'dropout': key})
 
 
-def layers(dtype) -> list[Layer]:
+def layers(dtype, conv_impl: str = 'auto') -> list[Layer]:
   """The net's layers in order, with the input shapes of a 227x227 image."""
+  impl = model.resolve_conv_impl(conv_impl)
   conv = lambda f, k, **kw: model.TowerConv(features=f, kernel_size=k,
-                                            dtype=dtype, **kw)
+                                            dtype=dtype, conv_impl=impl, **kw)
   dense = lambda f: model.TowerDense(features=f, dtype=dtype)
-  lrn = lambda p, x, key: model.local_response_norm(x, groups=2, **LRN)
-  pool = lambda p, x, key: model.max_pool(x)
+  lrn = lambda p, x, key: cpu_ops.local_response_norm(x, groups=2, **LRN)
+  pool = lambda p, x, key: cpu_ops.max_pool(x)
   return [
       _module_layer('conv1', (227, 227, 3),
                     conv(48, 11, strides=4, padding='VALID',
@@ -191,7 +199,8 @@ def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
 
 def print_table(batch: int, dtype, selected: list[str], steps: int,
                 warmup: int, torch_ok: bool,
-                tx: optax.GradientTransformation) -> None:
+                tx: optax.GradientTransformation,
+                conv_impl: str = 'auto') -> None:
   """Prints ms per layer, JAX and PyTorch, forward and forward+backward.
 
   Args:
@@ -201,13 +210,14 @@ def print_table(batch: int, dtype, selected: list[str], steps: int,
     steps, warmup: timed and untimed repetitions per figure.
     torch_ok: whether to run the PyTorch side.
     tx: the optimizer whose update is the 'update' row.
+    conv_impl: the convolutions' config.conv_impl.
   """
   print(f'\nper layer, batch {batch}, ms (mean of {steps} after {warmup} '
         'warm-up); speed = PyTorch ms / JAX ms, >1: JAX faster')
   print(f'{"layer":<8} {"JAX fwd":>9} {"torch fwd":>9} {"speed":>6}  '
         f'{"JAX f+b":>9} {"torch f+b":>9} {"speed":>6}')
   totals = np.zeros(4)
-  for layer in layers(dtype):
+  for layer in layers(dtype, conv_impl):
     if selected and layer.name not in selected:
       continue
     jf, jb = time_jax(layer, batch, dtype, steps, warmup)
@@ -227,3 +237,42 @@ def _print_row(name, jf, tf, jb, tb):
   ms = lambda s: f'{1e3 * s:9.1f}'
   print(f'{name:<8} {ms(jf)} {ms(tf)} {tf / jf:6.2f}  '
         f'{ms(jb)} {ms(tb)} {tb / jb:6.2f}')
+
+
+def _lrn_by_autodiff(p, x, key):
+  """The LRN formula as plain jnp, differentiated by JAX."""
+  del p, key
+  *lead, channels = x.shape
+  a = x.reshape(*lead, 2, channels // 2)
+  padded = jnp.pad(jnp.square(a), [(0, 0)] * (a.ndim - 1) + [(2, 2)])
+  window = sum(padded[..., i:i + a.shape[-1]] for i in range(LRN['size']))
+  d = LRN['k'] + LRN['alpha'] * window
+  return (a / d ** LRN['beta']).reshape(x.shape)
+
+
+def print_kernel_table(batch: int, steps: int, warmup: int) -> None:
+  """Prints ms of each `cpu_ops` kernel and of the stock JAX it replaces.
+
+  Args:
+    batch: images per step.
+    steps, warmup: timed and untimed repetitions per figure.
+  """
+  by_name = {layer.name: layer for layer in layers(jnp.float32, 'patches')}
+  stock = {layer.name: layer for layer in layers(jnp.float32, 'xla')}
+  flax_pool = lambda p, x, key: nn.max_pool(x, (3, 3), strides=(2, 2))
+  pairs = [(name, stock[name], by_name[name])
+           for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')]
+  pairs += [('lrn1', dataclasses.replace(by_name['lrn1'],
+                                         jax_fn=_lrn_by_autodiff),
+             by_name['lrn1']),
+            ('pool1', dataclasses.replace(by_name['pool1'], jax_fn=flax_pool),
+             by_name['pool1'])]
+  print(f'\ncpu_ops kernels vs stock JAX, batch {batch}, ms (mean of {steps} '
+        f'after {warmup} warm-up); speed = stock ms / cpu_ops ms')
+  print(f'{"layer":<8} {"ops fwd":>9} {"stock fwd":>9} {"speed":>6}  '
+        f'{"ops f+b":>9} {"stock f+b":>9} {"speed":>6}')
+  timed = functools.partial(time_jax, batch=batch, dtype=jnp.float32,
+                            steps=steps, warmup=warmup)
+  for name, plain, fast in pairs:
+    (sf, sb), (ff, fb) = timed(plain), timed(fast)
+    _print_row(name, ff, sf, fb, sb)

@@ -1,12 +1,12 @@
 """Images/s of one AlexNet training step and one eval step, JAX vs PyTorch.
 
-A training step is forward (dropout on), softmax cross-entropy, backward and
-the paper's update `chain(add_decayed_weights(5e-4, kernels only),
-scale_by_learning_rate(lr), trace(0.9))`, run through `alexnet.parallel.Layout`
-exactly as training does (one `pmap`; both towers on one device with
---devices=1, one tower per device with --devices=2). Eval is the forward pass
-alone. Compile time and warm-up steps are excluded and every timed step is
-blocked on, so the figures are steady-state throughput.
+A training step is `train.train_step` itself (forward with dropout, softmax
+cross-entropy, backward and the paper's update from `train.make_optimizer`),
+mapped by `alexnet.parallel.Layout` exactly as training maps it (one `pmap`;
+both towers on one device with --devices=1, one tower per device with
+--devices=2), on the paper config's model. Eval is the forward pass alone.
+Compile time and warm-up steps are excluded and every timed step is blocked
+on, so the figures are steady-state throughput.
 
 When torch is importable, `bench/peer_torch.py` measures the same grouped net
 in the same process and the JAX/PyTorch ratios are printed: the machine is
@@ -16,21 +16,21 @@ shared and noisy, so only ratios taken side by side mean anything.
   python bench/train_step.py --devices=2           # tower-parallel layout
   python bench/train_step.py --per_layer           # per-layer fwd+bwd table
   python bench/train_step.py --per_layer --layers=conv1,pool1 --skip_step
+  python bench/train_step.py --kernels --skip_step  # cpu_ops vs stock JAX
 
 On CPU, --devices=N fakes N host devices (XLA_FLAGS is set before JAX is
 imported); on GPUs the same command uses the first N real devices.
 
-User-level options (never set by the library), measured on the 2-core CPU:
+User-level options (never set by the library) worth timing on a CPU:
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot  runs dots and
-    convolutions through YNNPACK: conv3 forward+backward 1800 -> 840 ms at
-    batch 128 (XLA's own kernel-gradient convolutions are its weak spot).
-  jax.config.update('jax_default_prng_impl', 'rbg') would make dropout
-    masks cheaper, but dropout costs ~5 ms of a step here: not worth it.
+    convolutions through YNNPACK (XLA's own kernel-gradient convolutions are
+    its weak spot; compare with --per_layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -52,12 +52,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='untimed steps after compilation')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32', help='JAX compute dtype')
+  parser.add_argument('--conv_impl', choices=('auto', 'xla', 'patches'),
+                      default='auto', help='config.conv_impl')
   parser.add_argument('--devices', type=int, default=1,
                       help='devices of the layout (fake host devices on CPU)')
   parser.add_argument('--per_layer', action='store_true',
                       help='also time forward+backward of each layer alone')
   parser.add_argument('--layers', default='',
                       help='comma-separated subset of the per-layer table')
+  parser.add_argument('--kernels', action='store_true',
+                      help='time alexnet.cpu_ops against stock JAX')
   parser.add_argument('--skip_step', action='store_true',
                       help='skip the whole-step figures (per-layer only)')
   parser.add_argument('--no_torch', action='store_true',
@@ -75,26 +79,22 @@ if ARGS.devices > 1:
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
 
-from alexnet import model, parallel  # pylint: disable=g-import-not-at-top
+from alexnet import parallel  # pylint: disable=g-import-not-at-top
 from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
+from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
+import train  # pylint: disable=g-import-not-at-top
 
-IMAGE_SIZE = 227
 NUM_CLASSES = 1000
-LEARNING_RATE = 0.01
-WEIGHT_DECAY = 5e-4
-MOMENTUM = 0.9
 
 
-def paper_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  """The paper's update: decay (kernels only), lr inside the velocity."""
-  kernels_only = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: path[-1].key == 'kernel', params)
-  return optax.chain(
-      optax.add_decayed_weights(WEIGHT_DECAY, mask=kernels_only),
-      optax.scale_by_learning_rate(learning_rate),
-      optax.trace(MOMENTUM))
+def paper_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The paper's recipe with the bench's dtype and convolutions."""
+  config = configs.get_config()
+  config.dtype = args.dtype
+  config.conv_impl = args.conv_impl
+  return config
 
 
 def _time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
@@ -110,67 +110,52 @@ def _time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
 
 
 class Bench:
-  """The model, its parameters and a fixed batch laid out on the devices."""
+  """The model, its towers and a fixed batch laid out on the devices."""
 
-  def __init__(self, layout: parallel.Layout, batch_size: int, dtype):
+  def __init__(self, layout: parallel.Layout, batch_size: int,
+               config: ml_collections.ConfigDict):
     if batch_size % layout.num_replicas:
       raise ValueError(f'--batch_size={batch_size} must divide over '
                        f'{layout.num_replicas} replicas')
-    self.layout = layout
-    self.net = model.AlexNet(num_classes=NUM_CLASSES, dtype=dtype,
-                             exchange=layout.exchange)
-    host_net = model.AlexNet(num_classes=NUM_CLASSES)
-    params = jax.jit(lambda k: host_net.init(
-        k, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))(
-            jax.random.key(0))['params']
-    self.params = layout.shard_towers(jax.device_get(params))
-    self.tx = paper_optimizer(LEARNING_RATE)
-    self.opt_state = layout.pmap(self.tx.init)(self.params)
+    self.layout, self.config = layout, config
+    self.net = train.create_model(config, NUM_CLASSES, layout.exchange)
+    state = train.create_train_state(
+        config, train.create_model(config, NUM_CLASSES))
+    self.towers = layout.shard_towers(
+        {'params': state.params, 'opt_state': state.opt_state})
     rng = np.random.default_rng(0)
     per_replica = batch_size // layout.num_replicas
+    size = config.image_size
     images = 50 * rng.standard_normal(
-        (layout.num_local_replicas, per_replica, IMAGE_SIZE, IMAGE_SIZE, 3),
+        (layout.num_local_replicas, per_replica, size, size, 3),
         dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, images.shape[:2], dtype=np.int32)
-    self.images = layout.shard_batch(images)
-    self.labels = layout.shard_batch(labels)
-    self.key = jax.random.key(1)
+    self.batch = layout.shard_batch({'image': images, 'label': labels})
 
   def train_step_fn(self):
-    """The pmapped step: (params, opt_state, images, labels, key) -> new."""
-    net, tx, layout = self.net, self.tx, self.layout
-
-    def loss_fn(params, images, labels, key):
-      logits = net.apply({'params': params}, images, train=True,
-                         rngs={'dropout': key})
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return loss.mean(), None
-
-    def step(params, opt_state, images, labels, key):
-      key = jax.random.fold_in(key, layout.replica_index())
-      loss, _, grads = layout.grad(loss_fn)(params, images, labels, key)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state,
-              layout.mean_over_replicas(loss))
-
-    return layout.pmap(step, in_axes=(0, 0, 0, 0, None),
-                       out_axes=(0, 0, None), donate_argnums=(0, 1))
+    """`train.train_step` under the layout's pmap, as training maps it."""
+    step = functools.partial(train.train_step, model=self.net,
+                             layout=self.layout, config=self.config)
+    return self.layout.pmap(step, in_axes=(0, 0, None, None),
+                            donate_argnums=(0,))
 
   def time_train(self, steps: int, warmup: int) -> float:
     """Images/s of the training step (compiled on the first call)."""
     if not hasattr(self, '_train_step'):
       self._train_step = self.train_step_fn()
-    state = [self.params, self.opt_state, self.key]
+    learning_rate = jnp.float32(self.config.learning_rate)
+    state = {'towers': self.towers, 'step': 0}
 
     def run():
-      state[2], key = jax.random.split(state[2])
-      state[0], state[1], loss = self._train_step(
-          state[0], state[1], self.images, self.labels, key)
-      return state[0], loss
+      state['towers'], metrics = self._train_step(
+          state['towers'], self.batch, learning_rate,
+          jnp.int32(state['step']))
+      state['step'] += 1
+      return metrics
 
     jax.block_until_ready(run())  # Compiles on the first call.
     seconds = _time_steps(run, steps, warmup)
-    self.params, self.opt_state, self.key = state
+    self.towers = state['towers']
     return self._images_per_step / seconds
 
   def time_eval(self, steps: int, warmup: int) -> float:
@@ -179,23 +164,24 @@ class Bench:
       net = self.net
       self._forward = self.layout.pmap(
           lambda p, x: net.apply({'params': p}, x, train=False))
-    run = lambda: self._forward(self.params, self.images)
+    run = lambda: self._forward(self.towers['params'], self.batch['image'])
     jax.block_until_ready(run())
     return self._images_per_step / _time_steps(run, steps, warmup)
 
   @property
   def _images_per_step(self) -> int:
-    return self.images.shape[1] * self.layout.num_replicas
+    return self.batch['image'].shape[1] * self.layout.num_replicas
 
 
-def run_step_bench(args, layout: parallel.Layout, dtype, torch_ok: bool):
+def run_step_bench(args, layout: parallel.Layout,
+                   config: ml_collections.ConfigDict, torch_ok: bool):
   """Times train and eval, JAX and PyTorch alternating; prints a table.
 
   The machine is shared: load changes over minutes, so each round times JAX
   and then PyTorch back to back, and the table gives the medians over the
   rounds of images/s and of the per-round ratios.
   """
-  bench = Bench(layout, args.batch_size, dtype)
+  bench = Bench(layout, args.batch_size, config)
   rows = {}
   for name, jax_fn, torch_fn in (
       ('train', bench.time_train, peer_torch.measure_train),
@@ -223,6 +209,7 @@ def _median(values: list[float], width: int) -> str:
 
 def main() -> None:
   args = ARGS
+  config = paper_config(args)
   dtype = jnp.dtype(args.dtype)
   devices = jax.devices()
   if args.devices > len(devices):
@@ -238,16 +225,20 @@ def main() -> None:
     torch_info = 'torch: not run'
   print(f'jax {jax.__version__} on {args.devices} x {devices[0].device_kind} '
         f'({devices[0].platform}); {layout.towers_per_device} tower(s) per '
-        f'device, {layout.num_replicas} replica(s); {args.dtype}; {torch_info}')
+        f'device, {layout.num_replicas} replica(s); {args.dtype}; conv_impl '
+        f'{args.conv_impl}; {torch_info}')
   if os.environ.get('XLA_FLAGS'):
     print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   if not args.skip_step:
-    run_step_bench(args, layout, dtype, torch_ok)
+    run_step_bench(args, layout, config, torch_ok)
   if args.per_layer:
     selected = [n for n in args.layers.split(',') if n]
     per_layer.print_table(args.batch_size, dtype, selected, args.steps,
                           args.warmup, torch_ok,
-                          paper_optimizer(LEARNING_RATE))
+                          train.make_optimizer(config, config.learning_rate),
+                          args.conv_impl)
+  if args.kernels:
+    per_layer.print_kernel_table(args.batch_size, args.steps, args.warmup)
 
 
 if __name__ == '__main__':

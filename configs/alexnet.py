@@ -103,9 +103,22 @@ def paper_config() -> ml_collections.ConfigDict:
   # Channel multiplier for every layer (1.0 = the paper's 48/128/192/192/128
   # kernels and 2048 units per tower). Small values make tiny test nets.
   config.width = 1.0
+  # Towers (paper section 3.2): 2, the paper's net, or 1, its "one GPU"
+  # comparison net: half the kernels in conv1-conv4, conv5 and fc6-fc8 at
+  # full size (the paper's footnote). One tower runs data-parallel only
+  # (--config.model_parallel=False on several devices).
+  config.towers = 2
+  # Hidden units: 'relu' (paper) or 'tanh' (the comparison of Figure 1).
+  config.activation = 'relu'
+  # Max pooling (paper section 3.4): 3x3 windows with stride 2 overlap;
+  # pool_size=2, pool_stride=2 is the non-overlapping ablation.
+  config.pool_size = 3
+  config.pool_stride = 2
   # Local response normalisation, paper section 3.3: the paper's formula,
   # no division of alpha by size (cuda-convnet2 effectively used alpha/5).
   config.lrn = ml_collections.ConfigDict()
+  # False replaces both LRN layers by the identity (the ablation).
+  config.lrn.enabled = True
   config.lrn.k = 2.0
   config.lrn.size = 5
   config.lrn.alpha = 1e-4
@@ -117,6 +130,10 @@ def paper_config() -> ml_collections.ConfigDict:
   config.init_scheme = 'paper'
   # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
   config.dtype = 'float32'
+  # Convolutions: 'xla' (XLA's own: cuDNN on GPUs, the MXU on TPUs),
+  # 'patches' (patch matmuls where they beat XLA on CPU, see
+  # alexnet/cpu_ops.py) or 'auto' (patches on the CPU backend, else xla).
+  config.conv_impl = 'auto'
   # With two or more devices put the two towers on separate devices (the
   # paper's model parallelism); False keeps both towers on every device and
   # uses all devices for data parallelism.

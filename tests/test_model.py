@@ -1,19 +1,24 @@
-"""Tests of the tower model: shapes, parameter count, LRN, init, dropout."""
+"""Tests of the tower model and its CPU kernels: shapes, parameter counts,
+LRN, pooling, convolutions, init, dropout, bfloat16 and the ablation switches.
+"""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from alexnet import cpu_ops
+from alexnet import errors
 from alexnet import model
 
 SMALL = dict(num_classes=10, width=0.125)
 
 
-def _full_size_shapes():
-  net = model.AlexNet()
-  images = jax.ShapeDtypeStruct((2, 227, 227, 3), jnp.float32)
+def _full_size_shapes(size=227, **kwargs):
+  net = model.AlexNet(**kwargs)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda x: net.init(jax.random.key(0), x, train=False), images)
   (logits, state) = jax.eval_shape(
@@ -62,7 +67,7 @@ def test_lrn_matches_the_papers_formula_inside_each_tower(groups):
   # Large activations so that the normalisation term matters.
   a = rng.uniform(0, 300, size=(2, 3, 3, 12)).astype(np.float32)
   constants = dict(k=2.0, size=5, alpha=1e-4, beta=0.75)
-  got = model.local_response_norm(jnp.asarray(a), groups=groups, **constants)
+  got = cpu_ops.local_response_norm(jnp.asarray(a), groups=groups, **constants)
   want = _lrn_by_loops(a.astype(np.float64), groups, **constants)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   if groups == 2:
@@ -95,9 +100,22 @@ def test_schemes_differ_where_the_papers_say():
 
 
 def test_unknown_init_scheme_is_refused():
-  with pytest.raises(ValueError, match='init_scheme'):
+  with pytest.raises(errors.ConfigError, match='init_scheme'):
     model.AlexNet(init_scheme='xavier').init(
         jax.random.key(0), jnp.zeros((1, 67, 67, 3)), train=False)
+
+
+@pytest.mark.parametrize('field,value', [
+    ('activation', 'sigmoid'), ('conv_impl', 'cudnn'), ('towers', 4)])
+def test_invalid_choices_are_refused_naming_field_and_choices(field, value):
+  with pytest.raises(errors.ConfigError,
+                     match=rf'config\.{field}={value!r}: choose one of'):
+    model.AlexNet(**{field: value})
+
+
+def test_non_positive_pooling_is_refused():
+  with pytest.raises(errors.ConfigError, match='config.pool_stride=0'):
+    model.AlexNet(pool_stride=0)
 
 
 def _small_net_and_params(**kwargs):
@@ -164,23 +182,25 @@ def test_lrn_hand_written_gradient_equals_autodiff(groups, beta):
   a = jnp.asarray(rng.uniform(-300, 300, size=(2, 3, 3, 12)), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
   constants = dict(k=2.0, size=5, alpha=1e-4, beta=beta)
-  got = jax.vjp(lambda x: model.local_response_norm(
+  got = jax.vjp(lambda x: cpu_ops.local_response_norm(
       x, groups=groups, **constants), a)[1](cotangent)[0]
   want = jax.vjp(lambda x: _lrn_by_autodiff(x, groups, **constants),
                  a)[1](cotangent)[0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('size,stride', [(3, 2), (2, 2)])
 @pytest.mark.parametrize('shape', [(2, 13, 13, 4), (1, 6, 7, 2)])
-def test_max_pool_equals_flax_max_pool_ties_included(shape):
+def test_max_pool_equals_flax_max_pool_ties_included(shape, size, stride):
   """The first maximum of a window (row-major) gets the gradient."""
   rng = np.random.default_rng(2)
   # Few distinct values: most windows hold tied maxima.
   x = jnp.asarray(rng.integers(-2, 3, size=shape), jnp.float32)
-  flax_pool = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2),
+  flax_pool = lambda x: nn.max_pool(x, (size, size), strides=(stride, stride),
                                     padding='VALID')
   want, want_vjp = jax.vjp(flax_pool, x)
-  got, got_vjp = jax.vjp(model.max_pool, x)
+  got, got_vjp = jax.vjp(
+      lambda x: cpu_ops.max_pool(x, size=size, stride=stride), x)
   np.testing.assert_array_equal(got, want)
   cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   # Overlapping windows add their cotangents in another order: ulps only.
@@ -194,7 +214,8 @@ def test_blocked_patch_convolutions_equal_xla_gradients_included(
     kernel_size, strides, padding, size):
   """conv1's and the 3x3 layers' patch paths, over several image blocks."""
   conv = model.TowerConv(features=4, kernel_size=kernel_size,
-                         strides=strides, padding=padding, shared_input=True)
+                         strides=strides, padding=padding, shared_input=True,
+                         conv_impl='patches')
   images = jax.random.normal(jax.random.key(0), (40, size, size, 3))
   params = conv.init(jax.random.key(1), images[:1])['params']
 
@@ -213,3 +234,100 @@ def test_blocked_patch_convolutions_equal_xla_gradients_included(
   for g, w in zip(jax.tree.leaves(got_vjp(cotangent)),
                   jax.tree.leaves(want_vjp(cotangent))):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def test_one_tower_net_is_the_papers_one_gpu_net():
+  params, layers, logits = _full_size_shapes(towers=1)
+  # Written out from the paper's layer table and its footnote to section
+  # 3.2: half the kernels of conv1-conv4, conv5 and the fully connected
+  # layers at full size; (kernel scalars, outputs) per layer.
+  layer_sizes = [(11 * 11 * 3 * 48, 48), (5 * 5 * 48 * 128, 128),
+                 (3 * 3 * 128 * 192, 192), (3 * 3 * 192 * 192, 192),
+                 (3 * 3 * 192 * 256, 256), (6 * 6 * 256 * 4096, 4096),
+                 (4096 * 4096, 4096), (4096 * 1000, 1000)]
+  assert model.count_params(params) == sum(k + b for k, b in layer_sizes)
+  assert model.count_params(params) == 59_798_312
+  assert layers['conv1'] == (2, 55, 55, 48)
+  assert layers['conv5'] == (2, 13, 13, 256)
+  assert layers['fc6'] == (2, 4096)
+  assert layers['fc8'] == (2, 1000) and logits == (2, 1000)
+  assert params['fc8']['kernel'].shape == (1, 4096, 1000)
+
+
+def test_non_overlapping_pooling_changes_the_map_sizes():
+  # 71 pixels: conv1 gives 16x16 maps; 3/2 pooling 7, 3, 1; 2/2 pooling
+  # 8, 4, 2.
+  _, overlapping, _ = _full_size_shapes(71, num_classes=10, width=0.125)
+  _, plain, _ = _full_size_shapes(71, num_classes=10, width=0.125,
+                                  pool_size=2, pool_stride=2)
+  assert overlapping['conv2'][1:3] == (7, 7)
+  assert overlapping['conv3'][1:3] == (3, 3)
+  assert plain['conv2'][1:3] == (8, 8)
+  assert plain['conv3'][1:3] == (4, 4)
+  assert model.feature_map_size(71) == 1
+  assert model.feature_map_size(71, pool_size=2, pool_stride=2) == 2
+  assert model.smallest_image_size() == 67
+  assert model.smallest_image_size(pool_size=2, pool_stride=2) == 39
+  assert model.feature_map_size(38, 2, 2) == 0
+
+
+def test_lrn_disabled_is_the_identity():
+  x = jnp.asarray(np.random.default_rng(3).uniform(0, 300, (2, 5, 5, 8)),
+                  jnp.float32)
+  lrn = lambda enabled: model.AlexNet(lrn_enabled=enabled).apply(
+      {}, x, method=model.AlexNet._lrn)
+  np.testing.assert_array_equal(lrn(False), x)
+  assert not np.allclose(lrn(True), x)
+  _, params = _small_net_and_params()
+  images = jax.random.normal(jax.random.key(1), (2, 67, 67, 3)) * 50
+  logits = lambda **kw: model.AlexNet(**SMALL, **kw).apply(
+      {'params': params}, images, train=False)
+  assert not np.allclose(logits(lrn_enabled=False), logits())
+
+
+def test_tanh_replaces_every_relu():
+  _, params = _small_net_and_params()
+  images = jax.random.normal(jax.random.key(1), (2, 67, 67, 3)) * 50
+  run = lambda activation: model.AlexNet(**SMALL, activation=activation).apply(
+      {'params': params}, images, train=False, capture_intermediates=True)
+  relu_logits, relu_state = run('relu')
+  tanh_logits, tanh_state = run('tanh')
+  assert not np.allclose(relu_logits, tanh_logits)
+  # conv1's output is the same; what conv2 reads differs.
+  conv = lambda state, name: state['intermediates'][name]['__call__'][0]
+  np.testing.assert_array_equal(conv(relu_state, 'conv1'),
+                                conv(tanh_state, 'conv1'))
+  assert not np.allclose(conv(relu_state, 'conv2'), conv(tanh_state, 'conv2'))
+
+
+@pytest.mark.parametrize('conv_impl', ['xla', 'patches'])
+def test_bfloat16_gradient_step_follows_float32(conv_impl):
+  """One SGD step in bfloat16 against float32, per layer.
+
+  Tolerance: loss within 1%, each layer's update (the gradient) with cosine
+  >= 0.9 to float32's. bfloat16 keeps 8 bits of mantissa, so activations and
+  cotangents carry ~0.4% relative error each; at initialisation the early
+  convolutions' gradients are sums of many cancelling terms, where that
+  error shows most (`bench/bf16.py` prints the cosines).
+  """
+  _, params = _small_net_and_params(init_scheme='caffe')
+  images = jax.random.normal(jax.random.key(1), (16, 67, 67, 3)) * 50
+  labels = jax.random.randint(jax.random.key(2), (16,), 0, 10)
+
+  def loss_and_grads(dtype):
+    net = model.AlexNet(**SMALL, init_scheme='caffe', dtype=dtype,
+                        conv_impl=conv_impl)
+    def loss(p):
+      logits = net.apply({'params': p}, images, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss32, grads32 = loss_and_grads(jnp.float32)
+  loss16, grads16 = loss_and_grads(jnp.bfloat16)
+  assert abs(loss16 / loss32 - 1) < 0.01
+  for name in grads32:
+    a = np.asarray(grads16[name]['kernel'], np.float64).ravel()
+    b = np.asarray(grads32[name]['kernel'], np.float64).ravel()
+    cosine = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cosine >= 0.9, (name, cosine)
