@@ -281,6 +281,8 @@ def train_both(config: ml_collections.ConfigDict,
             for lr in config.learning_rates]
     for run in runs:
       run.train_to(config.sweep_epochs)
+      logging.info('%s: mean training error %.4f over the sweep.',
+                   run.curve.name, run.curve.mean_error())
     # Copies: the chosen run's curve grows on.
     swept += [dataclasses.replace(run.curve, epochs=list(run.curve.epochs),
                                   errors=list(run.curve.errors))

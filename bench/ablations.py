@@ -231,8 +231,11 @@ def main() -> None:
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--base', default='digits',
                       choices=('digits', 'fashion_mnist'))
-  parser.add_argument('--width', type=float, default=0.5)
-  parser.add_argument('--epochs', type=float, default=10.0)
+  # Narrower digits nets stay at chance for hundreds of steps (measured:
+  # width 0.5 for 840 steps, 0.25 for 630), so the default keeps the
+  # paper's width; see the module docstring for the time this takes.
+  parser.add_argument('--width', type=float, default=1.0)
+  parser.add_argument('--epochs', type=float, default=20.0)
   args = parser.parse_args()
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
@@ -246,6 +249,8 @@ def main() -> None:
       result = run_one(config, name, seed, root)
       top1.setdefault(name, []).append(result['error'])
       seconds.append(result['seconds'])
+      print(f'{name} seed {seed}: centre top-1 error {result["error"]:.4f} '
+            f'({result["seconds"]:.0f} s)', flush=True)
   print(f'{args.base}, width {args.width:g}, {args.epochs:g} epochs, seeds '
         f'0-{args.seeds - 1}; centre-crop top-1 test error. Small-data '
         'results: differences need not match ImageNet\'s.')
