@@ -14,8 +14,9 @@ skips finished runs and resumes interrupted ones from their checkpoints, so
 the table can be built in several sittings (e.g. one --settings at a time)
 and re-printed for free.
 
-Cost: one default run (digits, full width, 10 epochs) took ~4 minutes on the
-shared 2-core development CPU and ended at ~33% test error, still learning;
+Cost: a default run (digits, full width, 10 epochs) took 3.3-3.8 minutes on
+the shared 2-core development CPU and ended at 10-33% test error (two runs),
+still learning;
 the default table (9 settings x 3 seeds) thus takes ~2 hours there and
 compares learning speed more than final accuracy (--epochs=40 matches the
 digits config, ~2% error, at 4x the time). Narrower nets are no shortcut:
