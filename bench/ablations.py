@@ -16,11 +16,11 @@ and re-printed for free.
 
 Cost: a default run (digits, full width, 10 epochs) took 3.3-3.8 minutes on
 the shared 2-core development CPU and ended at 10-33% test error (two runs),
-still learning;
-the default table (9 settings x 3 seeds) thus takes ~2 hours there and
-compares learning speed more than final accuracy (--epochs=40 matches the
-digits config, ~2% error, at 4x the time). Narrower nets are no shortcut:
-at width 0.5 or 0.25 the digits net stayed at chance for whole runs.
+still learning; the default table (9 settings x 3 seeds) thus takes ~2 hours
+there and compares learning speed more than final accuracy (--epochs=40
+matches the digits config, ~2% error, at 4x the time). Narrower nets are no
+shortcut: at width 0.5 or 0.25 the digits net stayed at chance for whole
+runs.
 """
 
 import argparse
