@@ -1,0 +1,414 @@
+"""Figure 1 of the paper: epochs to 25% training error, ReLU against tanh.
+
+    python -m alexnet.figure1 --config=configs/figure1.py \
+        --workdir=runs/figure1
+
+For each activation every candidate learning rate trains for a short sweep;
+the fastest learner (lowest mean training error over the sweep) trains on,
+from where it stopped, to the full length. Writes into the workdir:
+`figure1.png` (training error per epoch, ReLU solid, tanh dashed, as in the
+paper), `figure1.json` (every curve, the chosen learning rates, the crossing
+epochs and their ratios) and TensorBoard scalars, one run per
+(activation, learning rate). Prints the epochs each activation needs to
+reach every target error and the ratio tanh / ReLU.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+from absl import app
+from absl import logging
+from absl import flags
+from clu import metric_writers
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from alexnet import errors
+from alexnet import pictures
+from alexnet import plot
+from alexnet.data import fashion_mnist
+import train
+
+ACTIVATIONS = ('relu', 'tanh')
+_ACTIVATION_FNS = {'relu': nn.relu, 'tanh': jnp.tanh}
+
+
+class SmallConvNet(nn.Module):
+  """Convolutions, each followed by the activation and a 3x3/2 max-pool."""
+
+  features: Sequence[int]
+  activation: str
+  num_classes: int = fashion_mnist.NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    act = _ACTIVATION_FNS[self.activation]
+    x = images
+    for features in self.features:
+      x = act(nn.Conv(features, (5, 5))(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def load_data(config: ml_collections.ConfigDict
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The training images, standardised, and their labels.
+
+  Args:
+    config: uses idx_dir and num_train.
+
+  Returns:
+    (float32 [n, 28, 28, 1] with zero mean and unit variance, int32 [n]).
+
+  Raises:
+    DatasetError: missing or bad IDX files.
+    ConfigError: num_train larger than the data.
+  """
+  images, labels = fashion_mnist.read_split(config.idx_dir, 'train')
+  if config.num_train > len(images):
+    raise errors.ConfigError(
+        f'config.num_train={config.num_train} but {config.idx_dir} holds '
+        f'{len(images)} training images; lower it (0 uses them all).')
+  if config.num_train:
+    images, labels = images[:config.num_train], labels[:config.num_train]
+  images = images[..., None].astype(np.float32)
+  images = (images - images.mean()) / images.std()
+  return images, labels.astype(np.int32)
+
+
+@dataclasses.dataclass
+class Curve:
+  """Training error of one run, recorded at fractional epochs."""
+
+  activation: str
+  learning_rate: float
+  epochs: list[float] = dataclasses.field(default_factory=list)
+  errors: list[float] = dataclasses.field(default_factory=list)
+  diverged: bool = False
+
+  @property
+  def name(self) -> str:
+    return f'{self.activation}_lr{self.learning_rate:g}'
+
+  def mean_error(self) -> float:
+    """Mean recorded error; infinite once diverged (never the fastest)."""
+    return math.inf if self.diverged else float(np.mean(self.errors))
+
+
+def epochs_to_reach(curve: Curve, target: float) -> float | None:
+  """The first recorded epoch at which training error is <= target.
+
+  Args:
+    curve: a recorded curve.
+    target: training error rate, e.g. 0.25.
+
+  Returns:
+    The epoch, or None if the curve never gets there.
+  """
+  for epoch, error in zip(curve.epochs, curve.errors):
+    if error <= target:
+      return epoch
+  return None
+
+
+def fastest(curves: Sequence[Curve]) -> Curve:
+  """The curve with the lowest mean training error (the fastest learner)."""
+  return min(curves, key=lambda c: (c.mean_error(), c.learning_rate))
+
+
+def _train_step(params, opt_state, images, labels, learning_rate, *, model,
+                config):
+  """One momentum-SGD step; also returns the loss and the misclassified."""
+  def loss_fn(params):
+    logits = model.apply({'params': params}, images)
+    loss = train.cross_entropy(logits, labels).mean()
+    return loss, logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = train.make_optimizer(config, learning_rate).update(
+      grads, opt_state, params)
+  wrong = jnp.sum(jnp.argmax(logits, axis=-1) != labels)
+  return optax.apply_updates(params, updates), opt_state, loss, wrong
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+  """A net's initial parameters and compiled step, shared by its runs."""
+
+  activation: str
+  params: Any
+  step_fn: Any
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, activation: str,
+             example: np.ndarray) -> 'Net':
+    """The net of `config.features` with this activation, seeded by config.
+
+    Args:
+      config: uses features, seed, momentum and weight_decay.
+      activation: 'relu' or 'tanh'.
+      example: one input batch, for the shapes.
+
+    Returns:
+      The net; every activation starts from the same seed.
+    """
+    model = SmallConvNet(features=tuple(config.features),
+                         activation=activation)
+    params = model.init(jax.random.key(config.seed), example)['params']
+    step_fn = jax.jit(functools.partial(_train_step, model=model,
+                                        config=config))
+    return cls(activation, params, step_fn)
+
+
+class Run:
+  """One net at one learning rate; trains on in stretches, recording."""
+
+  def __init__(self, config: ml_collections.ConfigDict, net: Net,
+               learning_rate: float, data: tuple[np.ndarray, np.ndarray],
+               workdir: str):
+    self._config = config
+    self._images, self._labels = data
+    self.steps_per_epoch = len(self._labels) // config.batch_size
+    self._steps_per_record = self.steps_per_epoch // config.records_per_epoch
+    self._params = net.params
+    self._opt_state = train.make_optimizer(config, 0.0).init(self._params)
+    self._step_fn = net.step_fn
+    self.step = 0
+    self.curve = Curve(net.activation, learning_rate)
+    # TensorBoard only: the log gets one line per epoch (see _record).
+    self._writer = metric_writers.SummaryWriter(
+        os.path.join(workdir, self.curve.name))
+
+  def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    # Every run sees the same data order: a permutation per epoch, seeded
+    # by (seed, epoch); the last partial batch of an epoch is dropped.
+    epoch, index = divmod(step, self.steps_per_epoch)
+    order = np.random.default_rng([self._config.seed, epoch]).permutation(
+        len(self._labels))
+    take = order[index * self._config.batch_size:
+                 (index + 1) * self._config.batch_size]
+    return self._images[take], self._labels[take]
+
+  def train_to(self, num_epochs: float) -> None:
+    """Trains until `num_epochs` (or divergence), recording the error."""
+    last = round(num_epochs * self.steps_per_epoch)
+    wrong, losses = [], []
+    while self.step < last and not self.curve.diverged:
+      images, labels = self._batch(self.step)
+      self._params, self._opt_state, loss, w = self._step_fn(
+          self._params, self._opt_state, images, labels,
+          self.curve.learning_rate)
+      wrong.append(w)
+      losses.append(loss)
+      self.step += 1
+      if self.step % self._steps_per_record == 0:
+        self._record(jax.device_get(wrong), jax.device_get(losses))
+        wrong, losses = [], []
+    self._writer.flush()
+
+  def _record(self, wrong: list[Any], losses: list[Any]) -> None:
+    error = float(np.sum(wrong)) / (len(wrong) * self._config.batch_size)
+    loss = float(np.mean(losses))
+    self.curve.diverged = not math.isfinite(loss)
+    if self.curve.diverged:
+      return
+    self.curve.epochs.append(self.step / self.steps_per_epoch)
+    self.curve.errors.append(error)
+    self._writer.write_scalars(self.step, {'train/error': error,
+                                           'train/loss': loss})
+    if self.step // self.steps_per_epoch > (
+        self.step - self._steps_per_record) // self.steps_per_epoch:
+      logging.info('%s: epoch %.2f, training error %.4f, loss %.4f',
+                   self.curve.name, self.curve.epochs[-1], error, loss)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_train: int
+                    ) -> None:
+  """Refuses settings that cannot record a curve, before any training.
+
+  Args:
+    config: the Figure 1 config.
+    num_train: number of training images used.
+
+  Raises:
+    ConfigError: naming the field and the fix.
+  """
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < config.records_per_epoch:
+    raise errors.ConfigError(
+        f'config.records_per_epoch={config.records_per_epoch} is more than '
+        f'the {steps_per_epoch} steps of an epoch ({num_train} images, '
+        f'batch {config.batch_size}); lower it or config.batch_size.')
+  if not 0 < config.sweep_epochs <= config.num_epochs:
+    raise errors.ConfigError(
+        f'config.sweep_epochs={config.sweep_epochs} must be in '
+        f'(0, config.num_epochs={config.num_epochs}].')
+  if not config.learning_rates:
+    raise errors.ConfigError('config.learning_rates is empty; give at least '
+                             'one learning rate to try.')
+
+
+def train_both(config: ml_collections.ConfigDict,
+               data: tuple[np.ndarray, np.ndarray],
+               workdir: str) -> tuple[dict[str, Curve], list[Curve]]:
+  """Sweeps the learning rates of each activation; trains the fastest on.
+
+  Args:
+    config: the Figure 1 config.
+    data: (images, labels) from `load_data`.
+    workdir: TensorBoard runs go in `<workdir>/<activation>_lr<rate>`.
+
+  Returns:
+    ({activation: the chosen run's full curve}, every sweep curve).
+
+  Raises:
+    DivergedError: every learning rate of an activation diverged.
+  """
+  chosen, swept = {}, []
+  for activation in ACTIVATIONS:
+    net = Net.create(config, activation, data[0][:config.batch_size])
+    runs = [Run(config, net, lr, data, workdir)
+            for lr in config.learning_rates]
+    for run in runs:
+      run.train_to(config.sweep_epochs)
+      logging.info('%s: mean training error %.4f over the sweep.',
+                   run.curve.name, run.curve.mean_error())
+    # Copies: the chosen run's curve grows on.
+    swept += [dataclasses.replace(run.curve, epochs=list(run.curve.epochs),
+                                  errors=list(run.curve.errors))
+              for run in runs]
+    best_curve = fastest([run.curve for run in runs])
+    best = next(run for run in runs if run.curve is best_curve)
+    if best.curve.diverged:
+      raise errors.DivergedError(
+          f'Every learning rate in config.learning_rates='
+          f'{tuple(config.learning_rates)} diverged with {activation}; '
+          'try smaller ones.')
+    best.train_to(config.num_epochs)
+    chosen[activation] = best.curve
+  return chosen, swept
+
+
+def summarize(config: ml_collections.ConfigDict,
+              chosen: dict[str, Curve]) -> dict[str, Any]:
+  """Crossing epochs of each target error and their ratio tanh / ReLU.
+
+  Args:
+    config: uses target_errors.
+    chosen: {activation: curve} from `train_both`.
+
+  Returns:
+    {'learning_rates': {activation: lr}, 'targets': [{'error': target,
+    'epochs': {activation: epoch or None}, 'ratio': tanh / relu or None}]}.
+  """
+  targets = []
+  for target in config.target_errors:
+    epochs = {a: epochs_to_reach(curve, target)
+              for a, curve in chosen.items()}
+    ratio = (epochs['tanh'] / epochs['relu']
+             if None not in epochs.values() else None)
+    targets.append({'error': target, 'epochs': epochs, 'ratio': ratio})
+  return {'learning_rates': {a: c.learning_rate for a, c in chosen.items()},
+          'targets': targets}
+
+
+def report(config: ml_collections.ConfigDict, num_train: int,
+           summary: dict[str, Any]) -> str:
+  """The printed result: data, learning rates, epochs to each target.
+
+  Args:
+    config: the Figure 1 config.
+    num_train: number of training images used.
+    summary: from `summarize`.
+
+  Returns:
+    Lines of text.
+  """
+  lines = [f'Fashion-MNIST training set, {num_train} images, batch '
+           f'{config.batch_size}, {config.num_epochs} epochs, no '
+           'regularisation; training error = running minibatch error.']
+  for activation, lr in summary['learning_rates'].items():
+    lines.append(f'{activation}: learning rate {lr:g} (fastest of '
+                 f'{tuple(config.learning_rates)} over '
+                 f'{config.sweep_epochs} epoch(s))')
+  for target in summary['targets']:
+    reached = {a: f'{e:.2f}' if e is not None else
+               f'not within {config.num_epochs}'
+               for a, e in target['epochs'].items()}
+    ratio = (f'{target["ratio"]:.2f}' if target['ratio'] is not None
+             else 'n/a')
+    lines.append(f'epochs to {target["error"]:.0%} training error: relu '
+                 f'{reached["relu"]}, tanh {reached["tanh"]}; ratio '
+                 f'tanh/relu {ratio}')
+  return '\n'.join(lines)
+
+
+def _draw(config: ml_collections.ConfigDict, chosen: dict[str, Curve],
+          workdir: str) -> np.ndarray:
+  """Writes figure1.png: ReLU solid, tanh dashed, as in the paper."""
+  styles = {'relu': ((0, 0, 200), False), 'tanh': ((200, 0, 0), True)}
+  lines = [plot.Line(f'{a} (lr {c.learning_rate:g})', c.epochs, c.errors,
+                     colour=styles[a][0], dashed=styles[a][1])
+           for a, c in chosen.items()]
+  picture = plot.line_chart(lines, x_label='Epochs',
+                            y_label='Training error rate',
+                            hlines=config.target_errors)
+  pictures.save_png(picture, os.path.join(workdir, 'figure1.png'))
+  return picture
+
+
+def run_figure1(config: ml_collections.ConfigDict,
+                workdir: str) -> dict[str, Any]:
+  """Trains both nets and writes the figure, its data and TensorBoard.
+
+  Args:
+    config: the Figure 1 config (configs/figure1.py).
+    workdir: output directory (created if missing).
+
+  Returns:
+    What `figure1.json` holds: the summary plus every curve.
+  """
+  data = load_data(config)
+  validate_config(config, len(data[1]))
+  os.makedirs(workdir, exist_ok=True)
+  chosen, swept = train_both(config, data, workdir)
+  result = summarize(config, chosen)
+  result['curves'] = {a: dataclasses.asdict(c) for a, c in chosen.items()}
+  result['sweep'] = [dataclasses.asdict(c) for c in swept]
+  with open(os.path.join(workdir, 'figure1.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  picture = _draw(config, chosen, workdir)
+  writer = metric_writers.SummaryWriter(workdir)
+  writer.write_images(0, {'figure1': picture[None]})
+  writer.flush()
+  print(report(config, len(data[1]), result))
+  return result
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    run_figure1(flags.FLAGS.config, flags.FLAGS.workdir)
+  except errors.UserError as error:
+    raise SystemExit(f'error: {error}') from None
+
+
+if __name__ == '__main__':
+  # Defined here, not on import, so that importing this module next to
+  # main.py (which defines the same flags) cannot clash.
+  config_flags.DEFINE_config_file(
+      'config', None, 'configs/figure1.py', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Output directory.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
