@@ -12,6 +12,8 @@ import tensorflow_datasets as tfds
 
 from alexnet import errors
 from alexnet.data import fashion_mnist
+from configs import alexnet as configs
+import input_pipeline
 
 _SIZES = {'train': 24, 'test': 10}
 
@@ -143,3 +145,26 @@ def test_wrong_image_size_is_refused(tmp_path):
                           np.zeros((10, 32, 32), np.uint8))
   with pytest.raises(errors.DatasetError, match=r'\(32, 32\) pixels'):
     fashion_mnist.read_split(str(tmp_path), 'test')
+
+
+def test_config_dataset_fashion_mnist_reads_the_idx_directory(tmp_path):
+  # The config route: dataset='fashion_mnist' with fashion_mnist_dir set
+  # trains on the IDX files' images, offline (no TFDS catalogue build).
+  os.makedirs(tmp_path / 'idx')
+  written = _write_split_files(tmp_path / 'idx')
+  config = configs.get_config('fashion_mnist')
+  config.update(dict(fashion_mnist_dir=str(tmp_path / 'idx'),
+                     data_dir=str(tmp_path / 'data'), batch_size=8,
+                     eval_batch_size=5))
+  info = input_pipeline.get_dataset_info(config)
+  assert (info.num_classes, info.num_train_examples,
+          info.num_eval_examples) == (10, 24, {'eval': 10})
+  batches = list(input_pipeline.create_eval_iterable(
+      config, 'eval', replicas=[0], num_replicas=1))
+  labels = np.concatenate([b['label'][0] for b in batches])
+  # TFDS stores the records shuffled: the same examples, in its own order.
+  np.testing.assert_array_equal(np.sort(labels), np.sort(written['test'][1]))
+  squares = np.concatenate([b['image'][0] for b in batches])
+  assert squares.shape == (10, 76, 76, 3)
+  # Grey images: the three channels are equal.
+  np.testing.assert_array_equal(squares[..., 0], squares[..., 2])

@@ -6,6 +6,8 @@ A `Source` turns a split spec ('train', 'train[:99%]', or a
 
 * Offline builders (`OFFLINE_BUILDERS`, e.g. 'digits') are prepared into
   `config.data_dir` at first use, without network.
+* 'fashion_mnist' with `config.fashion_mnist_dir`: the original IDX files
+  (e.g. Debian's dataset-fashion-mnist), prepared offline at first use.
 * 'folder': images laid out `config.folder/<split>/<class>/<image>`.
   Undecodable files are found once per process (every file is decoded
   once), skipped, and reported in one warning.
@@ -29,6 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet.data import digits
+from alexnet.data import fashion_mnist
 from alexnet.data import ops
 from alexnet.errors import DatasetError
 
@@ -120,6 +123,12 @@ def make_source(config: Config) -> Source:
   if config.dataset in OFFLINE_BUILDERS:
     builder = OFFLINE_BUILDERS[config.dataset](config)
     return tfds_source(builder, f'{config.dataset}-{builder.version}')
+  if config.dataset == 'fashion_mnist' and config.fashion_mnist_dir:
+    # The original IDX files, offline; without a directory, TFDS's catalogue
+    # dataset of the same name (which needs a network to build once).
+    builder = fashion_mnist.prepare(config.data_dir or None,
+                                    config.fashion_mnist_dir)
+    return tfds_source(builder, f'{builder.name}-{builder.version}')
   if config.dataset == 'folder':
     return folder_source(config.folder)
   return _catalogue_source(config)
