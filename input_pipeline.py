@@ -1,10 +1,14 @@
 """tf.data input pipeline for AlexNet (Krizhevsky et al. 2012, sections 2, 4.1).
 
-The entry points of the data package `alexnet/data/`: sources (TFDS,
-offline builders such as the digits, image folders) in `sources.py`,
-preprocessing ops in `ops.py`, the per-replica order and random draws in
-`epochs.py`, colour statistics in `colour.py`, and the float part of
-preprocessing, run on the device, in `on_device.py`.
+The entry points of the data package `alexnet/data/`:
+* sources: TFDS, offline builders (digits, Fashion-MNIST), image folders,
+  in `alexnet/data/sources.py`; pre-resized shards in
+  `alexnet/data/shards.py`;
+* preprocessing ops in `alexnet/data/ops.py`;
+* the per-replica order and random draws in `alexnet/data/epochs.py`;
+* colour statistics in `alexnet/data/colour.py`;
+* the float part of preprocessing, run on the device, in
+  `alexnet/data/on_device.py`.
 
 Every image is decoded to RGB and its largest centred square resized to
 `resize_size` (equal, up to sub-pixel rounding, to resizing the shorter side

@@ -193,6 +193,14 @@ def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
                                 towers=config.towers)
 
 
+def shape_signature(config: ml_collections.ConfigDict,
+                    num_classes: int) -> dict[str, Any]:
+  """The settings that fix parameter shapes: a checkpoint must match them."""
+  return {'num_classes': num_classes, 'width': config.width,
+          'image_size': config.image_size, 'towers': config.towers,
+          'pool_size': config.pool_size, 'pool_stride': config.pool_stride}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Experiment:
   """What stays fixed during one run; built by `_prepare`."""
@@ -209,11 +217,7 @@ class _Experiment:
 
   @property
   def signature(self) -> dict[str, Any]:
-    """The settings that fix parameter shapes: a checkpoint must match."""
-    config = self.config
-    return {'num_classes': self.info.num_classes, 'width': config.width,
-            'image_size': config.image_size, 'towers': config.towers,
-            'pool_size': config.pool_size, 'pool_stride': config.pool_stride}
+    return shape_signature(self.config, self.info.num_classes)
 
   def open_checkpoints(self, read_only: bool = False
                        ) -> checkpoints.Checkpoints:

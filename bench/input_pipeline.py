@@ -2,7 +2,9 @@
 
 Writes generated JPEGs (smooth colour plus noise, quality 90) as folder
 datasets: full-size ImageNet-like photos (500x375) and pre-resized 256x256
-squares. For each, in one run, times the training pipeline's uint8 path
+squares; the full-size photos are also written once as the shards that
+`main.py --mode=prepare` makes (timed), which training then reads. For each,
+in one run, times the training pipeline's uint8 path
 (decode, crop, flip, PCA draw; what `input_pipeline.train_dataset` ships)
 side by side with the float path it replaced (the same plus mean
 subtraction and the lighting shift on the host, float32 out), on one
@@ -30,6 +32,7 @@ import tensorflow as tf
 from alexnet.data import colour
 from alexnet.data import epochs
 from alexnet.data import on_device
+from alexnet.data import shards
 from alexnet.data import ops
 from alexnet.data import sources
 from configs import alexnet
@@ -136,10 +139,35 @@ def bytes_per_image(config: ml_collections.ConfigDict) -> dict[str, float]:
           'eval 10-crop float32 views': per_image(old_eval)}
 
 
-def main() -> None:
+def _print_rates(name: str, rates: dict[tuple[str, str], float]) -> None:
   cores = os.cpu_count()
-  print(f'{cores} cores, load average {os.getloadavg()[0]:.1f}; batch 128, '
-        '227 crops of 256 squares, flip, PCA lighting, pixel mean.')
+  for path in ('uint8', 'float'):
+    one, every = rates[path, '1 thread'], rates[path, 'all cores']
+    print(f'{name:22s} {path:6s} {one:9.0f} {every:10.0f} '
+          f'{every / cores:9.0f}')
+  ratios = [rates['uint8', t] / rates['float', t]
+            for t in ('1 thread', 'all cores')]
+  print(f'{"":22s} uint8 / float: {ratios[0]:.2f}x (1 thread), '
+        f'{ratios[1]:.2f}x (all cores)')
+
+
+def _shards(config: ml_collections.ConfigDict,
+            count: int) -> dict[tuple[str, str], float]:
+  """Prepares the shards of `config` (timed), then the rates reading them."""
+  start = time.perf_counter()
+  shards.prepare(config)
+  seconds = time.perf_counter() - start
+  print(f'{"prepare (all cores)":22s} {count / seconds:.0f} images/s: '
+        f'{count} full-size JPEGs -> 256x256 shards in {seconds:.1f} s')
+  config.use_shards = True
+  input_pipeline.mean_image(config)  # Colour statistics, not timed.
+  return throughput(config, count)
+
+
+def main() -> None:
+  print(f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; '
+        'batch 128, 227 crops of 256 squares, flip, PCA lighting, pixel '
+        'mean.')
   print(f'{"images":22s} {"path":6s} {"1 thread":>9s} {"all cores":>10s} '
         f'{"per core":>9s}')
   for name, width, height, count in IMAGE_SETS:
@@ -150,17 +178,11 @@ def main() -> None:
                          data_dir=os.path.join(root, 'data'),
                          train_split='train', eval_split='train[:128]'))
       input_pipeline.mean_image(config)  # Colour statistics, not timed.
-      rates = throughput(config, count)
-      if name == IMAGE_SETS[-1][0]:
+      _print_rates(name, throughput(config, count))
+      if name == IMAGE_SETS[0][0]:
+        _print_rates('shards of the above', _shards(config, count))
+      else:
         sizes = bytes_per_image(config)
-    for path in ('uint8', 'float'):
-      one, every = rates[path, '1 thread'], rates[path, 'all cores']
-      print(f'{name:22s} {path:6s} {one:9.0f} {every:10.0f} '
-            f'{every / cores:9.0f}')
-    ratios = [rates['uint8', t] / rates['float', t]
-              for t in ('1 thread', 'all cores')]
-    print(f'{"":22s} uint8 / float: {ratios[0]:.2f}x (1 thread), '
-          f'{ratios[1]:.2f}x (all cores)')
   print('Bytes per image sent to the device (targets: train <= 160 KB, '
         '10-crop eval <= 200 KB):')
   for name, size in sizes.items():

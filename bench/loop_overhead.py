@@ -8,8 +8,10 @@ the same mapped `train.train_step` on one batch already on the devices.
 
 Per step it prints the marginal wall time (the difference of a long and a
 short run over the difference of their steps, which cancels compilation,
-evaluation and checkpoints) and the main thread's CPU time. Target: the
-real loop's overhead over the pure loop <= 2 ms per step.
+evaluation and checkpoints) and the main thread's CPU time, and the input
+pipeline's time alone: with a model this cheap the loop waits for tf.data
+on a small host, and the main thread's CPU time is the loop's own cost.
+Target: the real loop's overhead over the pure loop <= 2 ms per step.
 
     python bench/loop_overhead.py [--steps=2000]
 """
@@ -36,6 +38,7 @@ import numpy as np
 from alexnet import model as model_lib
 from alexnet import parallel
 from configs import alexnet
+import input_pipeline
 import train
 
 _STEPS = flags.DEFINE_integer('steps', 2000, 'Steps of the long runs.')
@@ -132,6 +135,20 @@ def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
   return time.perf_counter() - wall, time.thread_time() - cpu
 
 
+def pipeline_only(data_dir: str, steps: int) -> float:
+  """Wall s for the real loop's input pipeline to yield `steps` batches."""
+  config = _config(data_dir, steps)
+  layout = parallel.Layout.create(True, jax.devices()[:4])
+  batches = input_pipeline.create_train_iterator(
+      config, replicas=layout.local_replicas,
+      num_replicas=layout.num_replicas)
+  next(batches)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  return time.perf_counter() - start
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -141,6 +158,7 @@ def main(argv):
     real_loop(data_dir, short)  # Prepares the data, warms the caches.
     real = np.subtract(real_loop(data_dir, long), real_loop(data_dir, short))
     pure = pure_loop(data_dir, long - short)
+    pipeline = pipeline_only(data_dir, long - short)
   real_ms = 1e3 * real / (long - short)
   pure_ms = 1e3 * np.asarray(pure) / (long - short)
   print(f'4 fake devices (2 replicas of a tower pair), batch 8, '
@@ -152,6 +170,9 @@ def main(argv):
         f'{pure_ms[1]:16.2f}')
   print(f'{"host overhead (real - pure)":30s} {real_ms[0] - pure_ms[0]:8.2f} '
         f'{real_ms[1] - pure_ms[1]:16.2f}   (target <= 2 ms)')
+  print(f'{"input pipeline alone":30s} '
+        f'{1e3 * pipeline / (long - short):8.2f}   (tf.data on this host\'s '
+        f'{os.cpu_count()} cores, the same threads the loop shares)')
 
 
 if __name__ == '__main__':

@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def paper_config() -> ml_collections.ConfigDict:
-  """The paper's ImageNet recipe; every number cites REFERENCE.md's source."""
+  """The paper's ImageNet recipe (docs/REFERENCE.md gives the sources)."""
   config = ml_collections.ConfigDict()
 
   # --- Data -----------------------------------------------------------------
@@ -167,7 +167,8 @@ def paper_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.01
   # v <- momentum * v - weight_decay * lr * w - lr * grad;  w <- w + v.
   config.momentum = 0.9
-  # Applied to kernels only, as cuda-convnet2 and Caffe do (REFERENCE.md).
+  # Applied to kernels only, as cuda-convnet2 and Caffe do
+  # (docs/REFERENCE.md, Optimization).
   config.weight_decay = 5e-4
   # Divide the learning rate by 10 when validation error stops improving.
   config.plateau = ml_collections.ConfigDict()

@@ -129,8 +129,7 @@ def _restore(workdir, config):
   like = {'params': state.params, 'opt_state': state.opt_state,
           'plateau': state.plateau}
   with _Store(workdir) as store:
-    return store.restore(like, {'num_classes': 10, 'width': config.width,
-                                'image_size': config.image_size})
+    return store.restore(like, train.shape_signature(config, 10))
 
 
 def _assert_same_as_reference(workdir, config, reference, exact=True):

@@ -32,7 +32,7 @@ def _full_size_shapes(size=227, **kwargs):
 
 def test_full_size_parameter_count_and_layer_shapes():
   params, layers, logits = _full_size_shapes()
-  # REFERENCE.md: 60,965,224 parameters for 1000 classes (= Caffe's).
+  # docs/REFERENCE.md, Architecture: 60,965,224 parameters for 1000 classes.
   assert model.count_params(params) == 60_965_224
   assert layers == {
       'conv1': (2, 55, 55, 96), 'conv2': (2, 27, 27, 256),

@@ -124,8 +124,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
   good = train.create_train_state(config, train.create_model(config, 10))
   like = {'params': good.params, 'opt_state': good.opt_state,
           'plateau': good.plateau}
-  restored, _ = store.restore(like, {'num_classes': 10, 'width': 0.125,
-                                     'image_size': 67})
+  restored, _ = store.restore(like, train.shape_signature(config, 10))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['params']))
 
 
