@@ -101,7 +101,7 @@ def get_dataset_info(config: Config) -> DatasetInfo:
     DatasetError: missing, unknown or empty data.
   """
   validate_config(config)
-  source = _source(config)
+  source = data_source(config)
   specs = {'eval': config.eval_split}
   if config.minival_split:
     specs['minival'] = config.minival_split
@@ -116,7 +116,7 @@ def get_dataset_info(config: Config) -> DatasetInfo:
                      num_train_examples=train, num_eval_examples=sizes)
 
 
-def _source(config: Config) -> sources.Source:
+def data_source(config: Config) -> sources.Source:
   """The configured data: the original images or their pre-resized shards."""
   if config.use_shards:
     return shards.shards_source(config)
@@ -177,7 +177,7 @@ def mean_image(config: Config) -> np.ndarray:
     per-pixel mean, or its channel mean broadcast (config.mean).
   """
   validate_config(config)
-  stats = colour.colour_stats(config, _source(config))
+  stats = colour.colour_stats(config, data_source(config))
   return colour.mean_image(stats, config.mean)
 
 
@@ -225,7 +225,7 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
   batch = per_replica(config, 'batch_size', num_replicas)
   epoch_steps = steps_per_epoch(config, get_dataset_info(config),
                                 num_replicas)
-  source = _source(config)
+  source = data_source(config)
   lighting = colour.lighting_components(colour.colour_stats(config, source),
                                         config.pca_stats)
   resize, size = config.resize_size, config.image_size
@@ -310,7 +310,7 @@ def create_eval_iterable(config: Config, split: str, *,
                      'config.minival_split set.')
   _check_replicas(replicas, num_replicas)
   batch = per_replica(config, 'eval_batch_size', num_replicas)
-  source = _source(config)
+  source = data_source(config)
   splits = [tfds.split_for_jax_process(spec, process_index=r,
                                        process_count=num_replicas)
             for r in range(num_replicas)]

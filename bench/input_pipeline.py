@@ -34,7 +34,6 @@ from alexnet.data import epochs
 from alexnet.data import on_device
 from alexnet.data import shards
 from alexnet.data import ops
-from alexnet.data import sources
 from configs import alexnet
 import input_pipeline
 
@@ -63,7 +62,7 @@ def write_jpegs(root: str, width: int, height: int, count: int) -> None:
 def float_dataset(config: ml_collections.ConfigDict,
                   threads: int | None) -> tf.data.Dataset:
   """The float pipeline the uint8 wire replaced, from the same ops."""
-  source = sources.make_source(config)
+  source = input_pipeline.data_source(config)
   stats = colour.colour_stats(config, source)
   mean = tf.constant(colour.mean_image(stats, config.mean))
   steps = input_pipeline.steps_per_epoch(
@@ -129,7 +128,7 @@ def bytes_per_image(config: ml_collections.ConfigDict) -> dict[str, float]:
   # Before, the host cut the 10 float views and shipped them.
   views = jax.device_get(on_device.eval_images(
       {'image': squares['image'][0]}, colour.mean_image(
-          colour.colour_stats(config, sources.make_source(config)),
+          colour.colour_stats(config, input_pipeline.data_source(config)),
           config.mean), config.image_size, True))
   old_eval = {'image': views, 'label': squares['label'],
               'mask': squares['mask']}

@@ -4,7 +4,8 @@ Runs `train.train_and_evaluate` (the real loop: tf.data pipeline, prefetch
 thread, mapped step with on-device normalisation, metrics, stop checks)
 with a trivially cheap model in place of AlexNet, so that what remains is
 the host's work, and times, side by side in one run, a pure loop calling
-the same mapped `train.train_step` on one batch already on the devices.
+the same mapped step (on-device normalisation, then `train.train_step`)
+on one batch already on the devices.
 
 Per step it prints the marginal wall time (the difference of a long and a
 short run over the difference of their steps, which cancels compilation,
@@ -37,6 +38,7 @@ import numpy as np
 
 from alexnet import model as model_lib
 from alexnet import parallel
+from alexnet.data import on_device
 from configs import alexnet
 import input_pipeline
 import train
@@ -70,18 +72,19 @@ class CheapNet(nn.Module):
   """
 
   num_classes: int
-  exchange: model_lib.Exchange = model_lib.AllTowersHere()
+  exchange: model_lib.Exchange | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     del train
-    per_tower = -(-self.num_classes // model_lib.NUM_TOWERS)
-    logits = _MeanPixelConv(per_tower, self.exchange.local_towers,
+    exchange = self.exchange or model_lib.AllTowersHere(2)
+    per_tower = -(-self.num_classes // 2)
+    logits = _MeanPixelConv(per_tower, exchange.local_towers,
                             name='conv1')(images)
-    return self.exchange(logits)[:, :self.num_classes]
+    return exchange(logits)[:, :self.num_classes]
 
 
-def _cheap_model(config, num_classes, exchange=model_lib.AllTowersHere()):
+def _cheap_model(config, num_classes, exchange=None):
   """Stands in for `train.create_model`."""
   del config
   return CheapNet(num_classes, exchange)
@@ -107,29 +110,36 @@ def real_loop(data_dir: str, steps: int) -> tuple[float, float]:
 
 
 def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
-  """(wall s, main-thread CPU s) of `steps` mapped steps on one batch."""
+  """(wall s, main-thread CPU s) of `steps` mapped steps on one batch.
+
+  The same device work as the real loop's steps (uint8 batch normalised on
+  the devices, then `train.train_step`), with nothing on the host between.
+  """
   config = _config(data_dir, steps)
   layout = parallel.Layout.create(True, jax.devices()[:4])
   state = train.create_train_state(config, _cheap_model(config, 10))
   device_state = layout.shard_towers({'params': state.params,
                                       'opt_state': state.opt_state})
-  per_replica = config.batch_size // layout.num_replicas
-  size = config.image_size
-  batch = layout.shard_batch({
-      'image': np.zeros((layout.num_local_replicas, per_replica, size, size,
-                         3), np.float32),
-      'label': np.zeros((layout.num_local_replicas, per_replica), np.int32)})
-  step_fn = layout.pmap(
-      lambda s, b, lr, t: train.train_step(
-          s, b, lr, t, model=_cheap_model(config, 10, layout.exchange),
-          layout=layout, config=config),
-      in_axes=(0, 0, None, None), out_axes=(0, None), donate_argnums=(0,))
-  device_state, _ = step_fn(device_state, batch, 0.01, 0)  # Compiles.
+  batch = layout.shard_batch(next(input_pipeline.create_train_iterator(
+      config, replicas=layout.local_replicas,
+      num_replicas=layout.num_replicas)))
+  mean = layout.replicate(input_pipeline.mean_image(config))
+  model = _cheap_model(config, 10, layout.exchange)
+
+  def step(device_state, batch, mean, learning_rate, step):
+    inputs = {'image': on_device.train_images(batch, mean),
+              'label': batch['label']}
+    return train.train_step(device_state, inputs, learning_rate, step,
+                            model=model, layout=layout, config=config)
+
+  step_fn = layout.pmap(step, in_axes=(0, 0, 0, None, None),
+                        out_axes=(0, None), donate_argnums=(0,))
+  device_state, _ = step_fn(device_state, batch, mean, 0.01, 0)  # Compiles.
   jax.block_until_ready(device_state)
   wall, cpu = time.perf_counter(), time.thread_time()
-  for step in range(steps):
-    device_state, metrics = step_fn(device_state, batch, 0.01, step)
-    if step % SYNC_EVERY == 0:
+  for i in range(steps):
+    device_state, metrics = step_fn(device_state, batch, mean, 0.01, i)
+    if i % SYNC_EVERY == 0:
       jax.block_until_ready(metrics)
   jax.block_until_ready((device_state, metrics))
   return time.perf_counter() - wall, time.thread_time() - cpu

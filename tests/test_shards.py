@@ -76,8 +76,8 @@ def test_prepare_writes_resized_squares_in_source_order(config):
       image = _decoded(example)
       assert image.shape == (RESIZE, RESIZE, 3)
       want = ops.decode_centre_square(tf.io.read_file(path), RESIZE).numpy()
-      # JPEG quality 95 of photo-like content: within a level on average.
-      assert np.abs(image.astype(float) - want).mean() < 1.0
+      # JPEG quality 90 of photo-like content: a level or two on average.
+      assert np.abs(image.astype(float) - want).mean() < 2.0
 
 
 def test_interrupted_prepare_is_never_read_and_resumes(config):

@@ -40,10 +40,11 @@ MANIFEST = 'manifest.json'
 # Examples per shard: ~1k resized JPEGs is ~30 MB, large enough to read
 # fast, small enough that an interruption loses little.
 EXAMPLES_PER_SHARD = 1024
-# High enough that the re-encoded pixels stay within a level or two of the
-# resized image; chroma is stored at full resolution (no 4:2:0), since
-# halving it blurs colour edges by a pixel or two, visible at 256 pixels.
-JPEG_QUALITY = 95
+# ImageNet's own JPEG settings (quality ~90, chroma at half resolution): on
+# photo-like images the re-encoded pixels stay within a level or two of the
+# resized ones, and they decode much faster than quality 95 with full
+# chroma, which is what a GPU host needs (bench/input_pipeline.py).
+JPEG_QUALITY = 90
 
 
 def shards_directory(config: Config, tag: str) -> str:
@@ -77,8 +78,7 @@ def _encoded(source: sources.Source, split: str, start: int, stop: int,
   """(JPEG of the resized centre square, label) of examples [start, stop)."""
   def encode(data, label):
     square = ops.decode_centre_square(source.read(data), resize_size)
-    return tf.io.encode_jpeg(square, quality=JPEG_QUALITY,
-                             chroma_downsampling=False), label
+    return tf.io.encode_jpeg(square, quality=JPEG_QUALITY), label
 
   return source.examples(f'{split}[{start}:{stop}]').map(
       encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
