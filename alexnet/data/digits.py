@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from alexnet.data import offline
+
 # The documented split (see module docstring).
 SPLIT_SEED = 0
 NUM_TRAIN = 1_347
@@ -55,41 +57,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return scaled.astype(np.uint8)[..., None]
 
 
-class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """scikit-learn's 8x8 handwritten digits (offline; fixed 1,347/450 split).
-
-  Registration is skipped so that importing this module twice (tests,
-  reloads) cannot clash in TFDS's registry and so that the name cannot
-  shadow a catalogue dataset; construct the class directly.
-  """
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    # No checksums file to find. TFDS's own lookup also imports
-    # `importlib_resources`, which tensorflow-datasets 4.9.10 uses without
-    # declaring it for Python >= 3.9, so it is absent from this environment.
-    return None
+class Digits(offline.OfflineBuilder, skip_registration=True):
+  """scikit-learn's 8x8 handwritten digits (offline; fixed 1,347/450 split)."""
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # Built by hand: `dataset_info_from_configs` needs the builder to live in
-    # a TFDS dataset package, which this module is not.
-    return tfds.core.DatasetInfo(
-        builder=self,
+    return self.image_info(
         description=(
             "scikit-learn's load_digits(): 1,797 8x8 handwritten digits, "
             'scaled to 0..255. Split: RandomState(0).permutation(1797); '
             'first 1,347 train, last 450 test.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
-    )
+        image_shape=(8, 8, 1),
+        labels=tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html')
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     del dl_manager  # Nothing to download: the data ship with scikit-learn.
@@ -117,9 +96,4 @@ def prepare(data_dir: str | None) -> Digits:
   Returns:
     A prepared `Digits` builder.
   """
-  builder = Digits(data_dir=data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder
+  return offline.prepare(Digits(data_dir=data_dir))

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from alexnet import errors
+from alexnet.data import offline
 
 # Where `apt-get install dataset-fashion-mnist` puts the four files.
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
@@ -153,45 +154,22 @@ def read_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-class FashionMnistIdx(tfds.core.GeneratorBasedBuilder,
-                      skip_registration=True):
-  """Fashion-MNIST read from its four IDX files (offline).
-
-  Registration is skipped, as for the digits builder: constructing the class
-  directly keeps repeated imports from clashing in TFDS's registry.
-  """
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+class FashionMnistIdx(offline.OfflineBuilder, skip_registration=True):
+  """Fashion-MNIST read from its four IDX files (offline)."""
 
   def __init__(self, *, idx_dir: str, **kwargs: Any):
     """Args: idx_dir: directory of the IDX files; kwargs: for TFDS."""
     self._idx_dir = idx_dir
     super().__init__(**kwargs)
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    # No checksums file to find (and TFDS's lookup needs a package that
-    # tensorflow-datasets 4.9.10 does not declare), as for digits.
-    return None
-
   def _info(self) -> tfds.core.DatasetInfo:
-    # Built by hand: `dataset_info_from_configs` needs the builder to live in
-    # a TFDS dataset package.
-    return tfds.core.DatasetInfo(
-        builder=self,
+    return self.image_info(
         description=('Fashion-MNIST (Xiao et al. 2017) read from its '
                      'original IDX files: 60,000 train and 10,000 test '
                      '28x28 greyscale images in 10 classes.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://github.com/zalandoresearch/fashion-mnist',
-    )
+        image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1),
+        labels=tfds.features.ClassLabel(names=CLASS_NAMES),
+        homepage='https://github.com/zalandoresearch/fashion-mnist')
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     del dl_manager  # Nothing to download: the files are local.
@@ -228,7 +206,4 @@ def prepare(data_dir: str | None, idx_dir: str) -> FashionMnistIdx:
     # half-prepared behind.
     for split in FILES:
       read_split(idx_dir, split)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder
+  return offline.prepare(builder)
