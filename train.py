@@ -176,7 +176,6 @@ def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
       evaluation.eval_metrics(logits, batch['label'], batch['mask']))
 
 
-
 def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
   """The device layout, with config errors named as such."""
   devices = jax.devices()
@@ -243,23 +242,24 @@ class _Experiment:
   def _p_eval_step(self) -> Any:
     config = self.config
 
-    def step(params, batch, mean_image):
+    def normalised_step(params, batch, mean_image):
       views = on_device.eval_images(batch, mean_image, config.image_size,
                                     config.ten_crop)
       return eval_step(params, {**batch, 'image': views}, model=self.model,
                        layout=self.layout)
-    return self.layout.pmap(step, out_axes=None)
+    return self.layout.pmap(normalised_step, out_axes=None)
 
   @functools.cached_property
   def p_train_step(self) -> Any:
     """The mapped `train_step`, fed uint8 batches and the mean image."""
-    def step(device_state, batch, mean_image, learning_rate, step):
+    def normalised_step(device_state, batch, mean_image, learning_rate,
+                        step):
       inputs = {'image': on_device.train_images(batch, mean_image),
                 'label': batch['label']}
       return train_step(device_state, inputs, learning_rate, step,
                         model=self.model, layout=self.layout,
                         config=self.config)
-    return self.layout.pmap(step, in_axes=(0, 0, 0, None, None),
+    return self.layout.pmap(normalised_step, in_axes=(0, 0, 0, None, None),
                             out_axes=(0, None), donate_argnums=(0,))
 
 
