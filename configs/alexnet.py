@@ -255,7 +255,7 @@ def _fashion_mnist(config: ml_collections.ConfigDict) -> None:
   # (README, Results). 10-crop evaluation of the 10,000 test images would
   # add minutes per evaluation there: turn it on with --config.ten_crop=True
   # where evaluation is cheap.
-  config.num_epochs = 3.0
+  config.num_epochs = 5.0
   config.ten_crop = False
   config.eval_every_epochs = 1.0
   # With a few evaluations, drop the learning rate after one without gain.
