@@ -354,7 +354,8 @@ def _train(experiment: _Experiment, store: checkpoints.Checkpoints,
       num_replicas=layout.num_replicas, start_step=training.step)
   with prefetch.to_devices(host_batches, layout.shard_batch) as batches:
     while training.step < schedule.total_steps:
-      learning_rate = schedule_lib.learning_rate(config, training.plateau)
+      learning_rate = schedule_lib.learning_rate(config, training.plateau,
+                                                 schedule, training.step)
       training.device_state, metrics = experiment.p_train_step(
           training.device_state, next(batches), experiment.mean_image,
           learning_rate, training.step)
@@ -405,7 +406,8 @@ def _save(experiment: _Experiment, store: checkpoints.Checkpoints,
           config, training.plateau, error, training.step)
     reporter.write_evaluation(
         training.step, results,
-        schedule_lib.plateau_drops(config, training.plateau),
+        schedule_lib.lr_drops(config, training.plateau, experiment.schedule,
+                              training.step),
         np.asarray(tree['params']['conv1']['kernel']))
   meta = {'step': training.step, 'seed': config.seed,
           'shape': experiment.signature}

@@ -4,7 +4,9 @@ Durations are given in epochs in the config and converted to steps once.
 The learning rate is the config's, divided by 10 each time the validation
 error stops improving (the paper, section 5; docs/REFERENCE.md,
 Optimization): `optax.contrib.reduce_on_plateau` run on the host once per
-evaluation, its state checkpointed with the parameters.
+evaluation, its state checkpointed with the parameters. With
+`config.lr_drop_epochs` set, it is divided at those epochs instead, so that
+runs compared with each other (bench/ablations.py) share one schedule.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ import ml_collections
 import optax
 from optax import contrib
 
+from alexnet import errors
 import input_pipeline
 
 
@@ -26,6 +29,8 @@ class Schedule:
   steps_per_epoch: int
   total_steps: int
   eval_every: int
+  # Steps from which each of config.lr_drop_epochs' drops applies.
+  drop_steps: tuple[int, ...] = ()
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict,
@@ -34,19 +39,33 @@ class Schedule:
     """The schedule of `config` on a dataset.
 
     Args:
-      config: uses num_epochs, num_train_steps, eval_every_epochs and
-        batch_size.
+      config: uses num_epochs, num_train_steps, eval_every_epochs,
+        lr_drop_epochs and batch_size.
       info: the dataset's sizes.
       num_replicas: data-parallel replicas, each reading its own slice.
 
     Returns:
       The schedule.
+
+    Raises:
+      ConfigError: lr_drop_epochs not increasing inside the run.
     """
     per_epoch = input_pipeline.steps_per_epoch(config, info, num_replicas)
     total = (config.num_train_steps if config.num_train_steps > 0
              else math.ceil(config.num_epochs * per_epoch))
     eval_every = max(1, round(config.eval_every_epochs * per_epoch))
-    return cls(per_epoch, total, eval_every)
+    drops = tuple(round(epoch * per_epoch) for epoch in config.lr_drop_epochs)
+    if not all(a < b for a, b in zip((0,) + drops, drops + (total,))):
+      raise errors.ConfigError(
+          f'config.lr_drop_epochs={tuple(config.lr_drop_epochs)} must be '
+          f'increasing epochs inside the run ({total / per_epoch:g} epochs, '
+          f'{per_epoch} steps each), e.g. --config.lr_drop_epochs="(20, 22)"'
+          '; () keeps the plateau rule.')
+    return cls(per_epoch, total, eval_every, drops)
+
+  def fixed_drops(self, step: int) -> int:
+    """How many of the fixed drops apply to `step` (0-based)."""
+    return sum(step >= drop for drop in self.drop_steps)
 
 
 def make_plateau(config: ml_collections.ConfigDict
@@ -65,20 +84,24 @@ def update_plateau(config: ml_collections.ConfigDict,
   """The schedule's state after an evaluation that measured `error`.
 
   Args:
-    config: uses learning_rate and config.plateau.
+    config: uses learning_rate, lr_drop_epochs and config.plateau.
     plateau: the state before, on the host.
     error: the validation (or minival) top-1 error just measured.
     step: the step evaluated, for the log.
 
   Returns:
-    The state after, on the host.
+    The state after, on the host (unchanged when fixed drops replace the
+    plateau rule).
   """
+  if config.lr_drop_epochs:
+    return plateau
   drops = plateau_drops(config, plateau)
   _, plateau = make_plateau(config).update({}, plateau, value=error)
   plateau = jax.device_get(plateau)
   if plateau_drops(config, plateau) > drops:
     logging.info('Step %d: validation error stopped improving; learning rate '
-                 'divided, now %g.', step, learning_rate(config, plateau))
+                 'divided, now %g.', step,
+                 config.learning_rate * float(plateau.scale))
   return plateau
 
 
@@ -89,7 +112,16 @@ def plateau_drops(config: ml_collections.ConfigDict,
                math.log(config.plateau.factor))
 
 
+def lr_drops(config: ml_collections.ConfigDict,
+             plateau: contrib.ReduceLROnPlateauState, schedule: Schedule,
+             step: int) -> int:
+  """How many times the learning rate has been divided before `step`."""
+  return plateau_drops(config, plateau) + schedule.fixed_drops(step)
+
+
 def learning_rate(config: ml_collections.ConfigDict,
-                  plateau: contrib.ReduceLROnPlateauState) -> float:
-  """The learning rate now: the config's, scaled by the drops so far."""
-  return config.learning_rate * float(plateau.scale)
+                  plateau: contrib.ReduceLROnPlateauState,
+                  schedule: Schedule, step: int) -> float:
+  """The rate of `step` (0-based): the config's, scaled by the drops."""
+  return (config.learning_rate * float(plateau.scale)
+          * config.plateau.factor ** schedule.fixed_drops(step))

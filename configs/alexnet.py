@@ -182,6 +182,10 @@ def paper_config() -> ml_collections.ConfigDict:
   config.plateau.cooldown = 0
   # Stop dropping after this many drops (the paper dropped 3 times).
   config.plateau.max_drops = 3
+  # Fixed drops instead of the plateau rule: the epochs from which the rate
+  # is multiplied by plateau.factor once more, e.g. (20, 22). Empty (the
+  # paper): the plateau rule. Compared runs then share one schedule.
+  config.lr_drop_epochs = ()
   # Length of training (paper: roughly 90 epochs). num_train_steps > 0
   # overrides it.
   config.num_epochs = 90.0

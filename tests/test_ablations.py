@@ -48,10 +48,10 @@ def test_every_setting_names_a_paper_figure():
 
 
 def test_overrides_set_nested_fields_and_refuse_missing_ones():
-  config = ablations.base_config('digits', 0.5, 4.0, 0.02, patience=1)
+  config = ablations.base_config('digits', 0.5, 4.0, 0.02, [2, 3.5])
   assert (config.width, config.num_epochs, config.learning_rate,
-          config.plateau.patience, config.ten_crop) == (0.5, 4.0, 0.02, 1,
-                                                        False)
+          config.lr_drop_epochs, config.ten_crop) == (0.5, 4.0, 0.02,
+                                                      (2, 3.5), False)
   ablations.apply_overrides(config, {'lrn.alpha': 2e-4, 'pca_sigma': 0.0})
   assert config.lrn.alpha == 2e-4 and config.pca_sigma == 0.0
   for missing in ('lrn.no_such_field', 'no_such_field', 'width.x'):

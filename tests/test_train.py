@@ -22,6 +22,7 @@ from alexnet import errors
 from alexnet import reporting
 from alexnet import schedule
 from configs import alexnet as configs
+import input_pipeline
 import train
 
 
@@ -67,11 +68,17 @@ def test_end_to_end_two_devices(trained):
   _assert_finished_run(workdir, steps=4)
 
 
-def test_end_to_end_one_device(tiny, tmp_path):
-  state = train.train_and_evaluate(tiny(num_devices=1),
-                                   str(tmp_path))
+def test_end_to_end_one_device_with_a_fixed_lr_drop(tiny, tmp_path):
+  config = tiny(num_devices=1)
+  per_epoch = input_pipeline.steps_per_epoch(
+      config, input_pipeline.get_dataset_info(config), num_replicas=1)
+  config.lr_drop_epochs = (2 / per_epoch,)  # From the third step on.
+  state = train.train_and_evaluate(config, str(tmp_path))
   _assert_finished_run(str(tmp_path), steps=4)
   assert state.params['conv1']['kernel'].shape[0] == 2  # Both towers.
+  lr = config.learning_rate  # Logged after each step, at its 1-based count.
+  assert _scalars(str(tmp_path))['train/lr'] == pytest.approx(
+      {1: lr, 2: lr, 3: lr / 10, 4: lr / 10})
 
 
 def test_end_to_end_mock_imagenet(tiny, testdata, tmp_path):
@@ -228,6 +235,24 @@ def test_plateau_drops_after_patience_and_never_otherwise():
   assert drops == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
 
 
+def test_fixed_drops_replace_the_plateau_rule():
+  config = configs.get_config()
+  config.num_epochs, config.lr_drop_epochs = 4.0, (2, 3.5)
+  info = input_pipeline.DatasetInfo(10, num_train_examples=1280,
+                                    num_eval_examples={'eval': 10})
+  plan = schedule.Schedule.create(config, info)  # 10 steps per epoch.
+  assert (plan.total_steps, plan.drop_steps) == (40, (20, 35))
+  plateau = schedule.make_plateau(config).init(None)
+  for error in [0.5] * 10:  # Would drop under the rule (patience 4).
+    plateau = schedule.update_plateau(config, plateau, error, step=0)
+  rates = {step: schedule.learning_rate(config, plateau, plan, step)
+           for step in (0, 19, 20, 34, 35, 39)}
+  assert rates == pytest.approx({0: 0.01, 19: 0.01, 20: 1e-3, 34: 1e-3,
+                                 35: 1e-4, 39: 1e-4})
+  assert [schedule.lr_drops(config, plateau, plan, step)
+          for step in (0, 20, 35)] == [0, 1, 2]
+
+
 # --- Warnings and configuration errors ----------------------------------------
 
 
@@ -250,6 +275,8 @@ def test_flat_loss_warns_once_naming_the_cause_and_the_field():
     (dict(checkpoint_every_steps=0), 'checkpoint_every_steps=0 must be'),
     (dict(eval_every_epochs=-1.0), 'eval_every_epochs=-1.0 must be'),
     (dict(init_scheme='xavier'), 'init_scheme'),
+    (dict(lr_drop_epochs=(0.01, 0.005)), 'must be increasing epochs'),
+    (dict(lr_drop_epochs=(1000.0,)), 'inside the run'),
 ])
 def test_bad_configs_are_refused_before_any_work(tiny, tmp_path, overrides,
                                                  message):
