@@ -121,7 +121,6 @@ def create_train_state(config: ml_collections.ConfigDict,
   return TrainState(step=0, **jax.device_get(tree))
 
 
-
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -273,6 +272,13 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
       schedule_lib.Schedule.create(config, info, layout.num_replicas),
       create_model(config, info.num_classes, layout.exchange),
       layout.replicate(input_pipeline.mean_image(config)))
+
+
+def planned_steps(config: ml_collections.ConfigDict) -> int:
+  """The step `train_and_evaluate(config, ...)` ends at, unless stopped."""
+  return schedule_lib.Schedule.create(
+      config, input_pipeline.get_dataset_info(config),
+      _create_layout(config).num_replicas).total_steps
 
 
 def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,

@@ -156,6 +156,10 @@ def final_error(workdir: str, tag: str = ERROR_TAG) -> float:
   return values[max(values)]
 
 
+class Stopped(Exception):
+  """A run was stopped on request before its end."""
+
+
 def run_one(config: ml_collections.ConfigDict, setting: str, seed: int,
             root: str) -> dict[str, Any]:
   """Trains one (setting, seed) unless its workdir already finished.
@@ -169,6 +173,10 @@ def run_one(config: ml_collections.ConfigDict, setting: str, seed: int,
   Returns:
     {'error': centre top-1 test error, 'seconds': wall time of the
     training call that finished the run}.
+
+  Raises:
+    Stopped: training was stopped (SIGTERM, Ctrl-C) before its last step;
+      the run is left to resume, not recorded.
   """
   workdir = os.path.join(root, setting, f'seed{seed}')
   done = os.path.join(workdir, 'result.json')
@@ -178,7 +186,12 @@ def run_one(config: ml_collections.ConfigDict, setting: str, seed: int,
   config = copy.deepcopy(config)
   apply_overrides(config, {**SETTINGS[setting].overrides, 'seed': seed})
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir)
+  planned = train.planned_steps(config)
+  if state.step < planned:
+    raise Stopped(f'{setting} seed {seed} stopped at step {state.step} of '
+                  f'{planned}, checkpointed in {workdir}; run the same '
+                  'command to resume.')
   result = {'error': final_error(workdir),
             'seconds': time.perf_counter() - start}
   with open(done, 'w') as f:
@@ -279,7 +292,10 @@ def main() -> None:
   top1, seconds = {}, []
   for name in settings:
     for seed in range(args.seeds):
-      result = run_one(config, name, seed, root)
+      try:
+        result = run_one(config, name, seed, root)
+      except Stopped as stopped:
+        raise SystemExit(f'Stopped: {stopped}') from None
       top1.setdefault(name, []).append(result['error'])
       seconds.append(result['seconds'])
       print(f'{name} seed {seed}: centre top-1 error {result["error"]:.4f} '

@@ -1,6 +1,7 @@
-"""Tests of the ablation table's pure parts (bench/ablations.py).
+"""Tests of the ablation table (bench/ablations.py).
 
-Training itself is `train.train_and_evaluate`, tested in test_train.py.
+Training itself is `train.train_and_evaluate`, tested in test_train.py;
+here one tiny run checks that a stopped run is resumed, not recorded.
 """
 
 import json
@@ -10,6 +11,7 @@ from clu import metric_writers
 import numpy as np
 import pytest
 
+from alexnet import distributed
 from alexnet import errors
 from bench import ablations
 
@@ -88,3 +90,18 @@ def test_finished_runs_are_read_not_retrained(tmp_path):
   result = ablations.run_one(None, 'paper', 1, str(tmp_path))
   assert result == {'error': 0.25, 'seconds': 12.0}
   assert os.listdir(workdir) == ['result.json']
+
+
+def test_a_stopped_run_is_not_recorded_and_resumes_to_the_end(
+    tiny, tmp_path, monkeypatch):
+  config = tiny(num_devices=1)  # 4 steps, evaluated at the last.
+  with monkeypatch.context() as patch:  # As if SIGTERM came at step 2.
+    patch.setattr(distributed.StopSignal, 'should_stop',
+                  lambda self, step: step >= 2)
+    with pytest.raises(ablations.Stopped, match='step 2 of 4'):
+      ablations.run_one(config, 'paper', 0, str(tmp_path))
+  workdir = tmp_path / 'paper' / 'seed0'
+  assert not (workdir / 'result.json').exists()
+  result = ablations.run_one(config, 'paper', 0, str(tmp_path))
+  assert result['error'] == ablations.final_error(str(workdir))
+  assert json.loads((workdir / 'result.json').read_text()) == result

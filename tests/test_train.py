@@ -64,8 +64,9 @@ def trained(tiny, tmp_path_factory):
 
 
 def test_end_to_end_two_devices(trained):
-  _, workdir = trained
+  config, workdir = trained
   _assert_finished_run(workdir, steps=4)
+  assert train.planned_steps(config) == 4
 
 
 def test_end_to_end_one_device_with_a_fixed_lr_drop(tiny, tmp_path):
