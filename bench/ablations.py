@@ -295,7 +295,7 @@ def main() -> None:
       try:
         result = run_one(config, name, seed, root)
       except Stopped as stopped:
-        raise SystemExit(f'Stopped: {stopped}') from None
+        raise SystemExit(str(stopped)) from None
       top1.setdefault(name, []).append(result['error'])
       seconds.append(result['seconds'])
       print(f'{name} seed {seed}: centre top-1 error {result["error"]:.4f} '
