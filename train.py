@@ -1,10 +1,10 @@
-"""Training and evaluation of the paper's AlexNet (a library; see main.py).
+"""Training and evaluation of the paper's AlexNet (the application; see main.py).
 
 `train_and_evaluate(config, workdir)` runs the whole experiment and resumes
 from `workdir` if it holds a checkpoint; `evaluate_checkpoint` evaluates a
-saved one without training. The pieces they are made of
-(`create_train_state`, `train_step`, `eval_step`, `make_optimizer`, ...) are
-public so that tests, benchmarks and notebooks can use them alone.
+saved one without training. The state, the optimizer and the steps they run
+are the library's (alexnet/steps.py), so that tests, benchmarks and
+experiments use exactly the step that trains.
 """
 
 import dataclasses
@@ -14,12 +14,9 @@ from typing import Any
 
 from absl import logging
 from clu import metric_writers
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from optax import contrib
 
 from alexnet import checkpoints
@@ -32,147 +29,10 @@ from alexnet import parallel
 from alexnet import prefetch
 from alexnet import reporting
 from alexnet import schedule as schedule_lib
-from alexnet.data import on_device
+from alexnet import steps
 import input_pipeline
 
 PyTree = Any
-
-
-@flax.struct.dataclass
-class TrainState:
-  """The whole training state, one host copy (tower leaves are [2, ...]).
-
-  The data position and the dropout keys are functions of (seed, step), so
-  `step` is all the checkpoint needs to resume them exactly.
-  """
-
-  step: int
-  params: PyTree
-  opt_state: optax.OptState
-  plateau: contrib.ReduceLROnPlateauState
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 exchange: model_lib.Exchange | None = None
-                 ) -> model_lib.AlexNet:
-  """The net the config describes; `exchange` None keeps all towers local."""
-  return model_lib.AlexNet(
-      num_classes=num_classes, width=config.width, towers=config.towers,
-      lrn_enabled=config.lrn.enabled, lrn_k=config.lrn.k,
-      lrn_size=config.lrn.size, lrn_alpha=config.lrn.alpha,
-      lrn_beta=config.lrn.beta, pool_size=config.pool_size,
-      pool_stride=config.pool_stride, activation=config.activation,
-      dropout_rate=config.dropout_rate, init_scheme=config.init_scheme,
-      conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype),
-      exchange=exchange)
-
-
-def decay_mask(params: PyTree) -> PyTree:
-  """True for kernels: weight decay skips biases, as cuda-convnet2/Caffe do."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: path[-1].key == 'kernel', params)
-
-
-def make_optimizer(config: ml_collections.ConfigDict,
-                   learning_rate: float | jax.Array
-                   ) -> optax.GradientTransformation:
-  """The paper's update (section 5), with the learning rate inside v.
-
-  v <- momentum * v - weight_decay * lr * w - lr * grad;  w <- w + v.
-  The chain holds no learning-rate state, so `learning_rate` can be a traced
-  argument of the train step: a drop does not recompile.
-
-  Args:
-    config: uses momentum and weight_decay.
-    learning_rate: the current learning rate.
-
-  Returns:
-    The optax transformation.
-  """
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-      optax.trace(decay=config.momentum))
-
-
-def _initial_tree(config: ml_collections.ConfigDict,
-                  model: model_lib.AlexNet) -> PyTree:
-  """{'params', 'opt_state', 'plateau'} at step 0, as a jittable function."""
-  images = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = model.init(jax.random.key(config.seed), images,
-                      train=False)['params']
-  return {'params': params,
-          'opt_state': make_optimizer(config, 0.0).init(params),
-          'plateau': schedule_lib.make_plateau(config).init(None)}
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       model: model_lib.AlexNet) -> TrainState:
-  """Initial state on the host; the same for every device layout.
-
-  Args:
-    config: uses seed and image_size.
-    model: a model with both towers local (the default exchange).
-
-  Returns:
-    The state at step 0.
-  """
-  tree = jax.jit(functools.partial(_initial_tree, config, model))()
-  return TrainState(step=0, **jax.device_get(tree))
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def train_step(device_state: PyTree, batch: dict[str, jax.Array],
-               learning_rate: jax.Array, step: jax.Array, *,
-               model: model_lib.AlexNet, layout: parallel.Layout,
-               config: ml_collections.ConfigDict
-               ) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One SGD step on this device's towers.
-
-  Args:
-    device_state: {'params', 'opt_state'} of this device's towers.
-    batch: this replica's {'image', 'label'}.
-    learning_rate: the current learning rate.
-    step: the global step; keys dropout together with the replica and tower.
-    model: the net with the layout's exchange.
-    layout: the device layout.
-    config: the experiment config.
-
-  Returns:
-    The new device state and {'loss', 'accuracy'} averaged over replicas.
-  """
-  dropout_key = jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(config.seed), step),
-      layout.replica_index())
-
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': dropout_key})
-    return cross_entropy(logits, batch['label']).mean(), logits
-
-  params, opt_state = device_state['params'], device_state['opt_state']
-  loss, logits, grads = layout.grad(loss_fn)(params)
-  updates, opt_state = make_optimizer(config, learning_rate).update(
-      grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  metrics = layout.mean_over_replicas({'loss': loss, 'accuracy': accuracy})
-  return {'params': params, 'opt_state': opt_state}, metrics
-
-
-def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
-              model: model_lib.AlexNet, layout: parallel.Layout
-              ) -> dict[str, jax.Array]:
-  """Metric sums of one evaluation batch over all replicas."""
-  images = batch['image']
-  flat = images.reshape(-1, *images.shape[2:])
-  logits = model.apply({'params': params}, flat, train=False)
-  logits = logits.reshape(*images.shape[:2], -1)
-  return layout.sum_over_replicas(
-      evaluation.eval_metrics(logits, batch['label'], batch['mask']))
 
 
 def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
@@ -191,14 +51,6 @@ def _create_layout(config: ml_collections.ConfigDict) -> parallel.Layout:
                                 towers=config.towers)
 
 
-def shape_signature(config: ml_collections.ConfigDict,
-                    num_classes: int) -> dict[str, Any]:
-  """The settings that fix parameter shapes: a checkpoint must match them."""
-  return {'num_classes': num_classes, 'width': config.width,
-          'image_size': config.image_size, 'towers': config.towers,
-          'pool_size': config.pool_size, 'pool_stride': config.pool_stride}
-
-
 @dataclasses.dataclass(frozen=True)
 class _Experiment:
   """What stays fixed during one run; built by `_prepare`."""
@@ -215,7 +67,7 @@ class _Experiment:
 
   @property
   def signature(self) -> dict[str, Any]:
-    return shape_signature(self.config, self.info.num_classes)
+    return steps.shape_signature(self.config, self.info.num_classes)
 
   def open_checkpoints(self, read_only: bool = False
                        ) -> checkpoints.Checkpoints:
@@ -239,27 +91,12 @@ class _Experiment:
 
   @functools.cached_property
   def _p_eval_step(self) -> Any:
-    config = self.config
-
-    def normalised_step(params, batch, mean_image):
-      views = on_device.eval_images(batch, mean_image, config.image_size,
-                                    config.ten_crop)
-      return eval_step(params, {**batch, 'image': views}, model=self.model,
-                       layout=self.layout)
-    return self.layout.pmap(normalised_step, out_axes=None)
+    return steps.map_eval_step(self.model, self.layout, self.config)
 
   @functools.cached_property
   def p_train_step(self) -> Any:
-    """The mapped `train_step`, fed uint8 batches and the mean image."""
-    def normalised_step(device_state, batch, mean_image, learning_rate,
-                        step):
-      inputs = {'image': on_device.train_images(batch, mean_image),
-                'label': batch['label']}
-      return train_step(device_state, inputs, learning_rate, step,
-                        model=self.model, layout=self.layout,
-                        config=self.config)
-    return self.layout.pmap(normalised_step, in_axes=(0, 0, 0, None, None),
-                            out_axes=(0, None), donate_argnums=(0,))
+    """The mapped `steps.train_step`, fed uint8 batches and the mean image."""
+    return steps.map_train_step(self.model, self.layout, self.config)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
@@ -270,7 +107,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
   return _Experiment(
       config, os.path.abspath(workdir), layout, info,
       schedule_lib.Schedule.create(config, info, layout.num_replicas),
-      create_model(config, info.num_classes, layout.exchange),
+      steps.create_model(config, info.num_classes, layout.exchange),
       layout.replicate(input_pipeline.mean_image(config)))
 
 
@@ -282,17 +119,17 @@ def planned_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
-             step: int | None) -> TrainState:
+             step: int | None) -> steps.TrainState:
   """Checkpoint `step`, or a fresh state where `step` is None."""
   config = experiment.config
-  model = create_model(config, experiment.info.num_classes)
+  model = steps.create_model(config, experiment.info.num_classes)
   if step is None:
     logging.info('Starting from scratch in %s.', experiment.workdir)
-    return create_train_state(config, model)
-  like = jax.eval_shape(functools.partial(_initial_tree, config, model))
+    return steps.create_train_state(config, model)
+  like = jax.eval_shape(functools.partial(steps.initial_tree, config, model))
   tree, _ = store.restore(like, experiment.signature, step)
   logging.info('Resuming from step %d in %s.', step, experiment.workdir)
-  return TrainState(step=step, **jax.device_get(tree))
+  return steps.TrainState(step=step, **jax.device_get(tree))
 
 
 @dataclasses.dataclass
@@ -303,13 +140,13 @@ class _Training:
   device_state: PyTree  # {'params', 'opt_state'}, laid out on the devices.
   plateau: contrib.ReduceLROnPlateauState  # On the host.
 
-  def to_host(self, layout: parallel.Layout) -> TrainState:
+  def to_host(self, layout: parallel.Layout) -> steps.TrainState:
     tree = layout.gather_towers(self.device_state)
-    return TrainState(step=self.step, plateau=self.plateau, **tree)
+    return steps.TrainState(step=self.step, plateau=self.plateau, **tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+                       workdir: str) -> steps.TrainState:
   """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
 
   Args:

@@ -9,7 +9,7 @@ import ml_collections
 from alexnet import errors
 from alexnet import model as model_lib
 from alexnet import parallel
-import input_pipeline
+from alexnet.data import info as info_lib
 
 
 def validate(config: ml_collections.ConfigDict,
@@ -35,9 +35,9 @@ def validate(config: ml_collections.ConfigDict,
     raise errors.ConfigError(
         f'config.resize_size={config.resize_size} must be at least '
         f'config.image_size={config.image_size}.')
-  input_pipeline.validate_config(config)
+  info_lib.validate_config(config)
   for field in ('batch_size', 'eval_batch_size'):
-    input_pipeline.per_replica(config, field, layout.num_replicas)
+    info_lib.per_replica(config, field, layout.num_replicas)
   # The model refuses its own choices (init_scheme, activation, ...).
   choices = {'dtype': ('float32', 'bfloat16'),
              'plateau_split': ('eval', 'minival')}

@@ -89,7 +89,7 @@ def evaluate(p_eval_step: Callable[..., Any], params: PyTree,
   step; the sums are added on the devices and fetched once, at the end.
 
   Args:
-    p_eval_step: the layout's mapped `train.eval_step`: (params, batch) ->
+    p_eval_step: the layout's mapped `steps.eval_step`: (params, batch) ->
       metric sums, the same on every device.
     params: the parameters on the devices.
     batches: host batches, [local replicas, per replica, ...].

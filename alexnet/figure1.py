@@ -36,8 +36,8 @@ import optax
 from alexnet import errors
 from alexnet import pictures
 from alexnet import plot
+from alexnet import steps
 from alexnet.data import fashion_mnist
-import train
 
 ACTIVATIONS = ('relu', 'tanh')
 _ACTIVATION_FNS = {'relu': nn.relu, 'tanh': jnp.tanh}
@@ -131,11 +131,11 @@ def _train_step(params, opt_state, images, labels, learning_rate, *, model,
   """One momentum-SGD step; also returns the loss and the misclassified."""
   def loss_fn(params):
     logits = model.apply({'params': params}, images)
-    loss = train.cross_entropy(logits, labels).mean()
+    loss = steps.cross_entropy(logits, labels).mean()
     return loss, logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = train.make_optimizer(config, learning_rate).update(
+  updates, opt_state = steps.make_optimizer(config, learning_rate).update(
       grads, opt_state, params)
   wrong = jnp.sum(jnp.argmax(logits, axis=-1) != labels)
   return optax.apply_updates(params, updates), opt_state, loss, wrong
@@ -181,7 +181,7 @@ class Run:
     self.steps_per_epoch = len(self._labels) // config.batch_size
     self._steps_per_record = self.steps_per_epoch // config.records_per_epoch
     self._params = net.params
-    self._opt_state = train.make_optimizer(config, 0.0).init(self._params)
+    self._opt_state = steps.make_optimizer(config, 0.0).init(self._params)
     self._step_fn = net.step_fn
     self.step = 0
     self.curve = Curve(net.activation, learning_rate)

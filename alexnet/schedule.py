@@ -19,7 +19,7 @@ import optax
 from optax import contrib
 
 from alexnet import errors
-import input_pipeline
+from alexnet.data import info as info_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Schedule:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict,
-             info: input_pipeline.DatasetInfo,
+             info: info_lib.DatasetInfo,
              num_replicas: int = 1) -> 'Schedule':
     """The schedule of `config` on a dataset.
 
@@ -50,7 +50,7 @@ class Schedule:
     Raises:
       ConfigError: lr_drop_epochs not increasing inside the run.
     """
-    per_epoch = input_pipeline.steps_per_epoch(config, info, num_replicas)
+    per_epoch = info_lib.steps_per_epoch(config, info, num_replicas)
     total = (config.num_train_steps if config.num_train_steps > 0
              else math.ceil(config.num_epochs * per_epoch))
     eval_every = max(1, round(config.eval_every_epochs * per_epoch))

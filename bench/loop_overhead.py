@@ -4,7 +4,7 @@ Runs `train.train_and_evaluate` (the real loop: tf.data pipeline, prefetch
 thread, mapped step with on-device normalisation, metrics, stop checks)
 with a trivially cheap model in place of AlexNet, so that what remains is
 the host's work, and times, side by side in one run, a pure loop calling
-the same mapped step (on-device normalisation, then `train.train_step`)
+the same mapped step (on-device normalisation, then `steps.train_step`)
 on one batch already on the devices.
 
 Per step it prints the marginal wall time (the difference of a long and a
@@ -38,6 +38,7 @@ import numpy as np
 
 from alexnet import model as model_lib
 from alexnet import parallel
+from alexnet import steps
 from alexnet.data import on_device
 from configs import alexnet
 import input_pipeline
@@ -85,7 +86,7 @@ class CheapNet(nn.Module):
 
 
 def _cheap_model(config, num_classes, exchange=None):
-  """Stands in for `train.create_model`."""
+  """Stands in for `steps.create_model`."""
   del config
   return CheapNet(num_classes, exchange)
 
@@ -113,11 +114,11 @@ def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
   """(wall s, main-thread CPU s) of `steps` mapped steps on one batch.
 
   The same device work as the real loop's steps (uint8 batch normalised on
-  the devices, then `train.train_step`), with nothing on the host between.
+  the devices, then `steps.train_step`), with nothing on the host between.
   """
   config = _config(data_dir, steps)
   layout = parallel.Layout.create(True, jax.devices()[:4])
-  state = train.create_train_state(config, _cheap_model(config, 10))
+  state = steps.create_train_state(config, _cheap_model(config, 10))
   device_state = layout.shard_towers({'params': state.params,
                                       'opt_state': state.opt_state})
   batch = layout.shard_batch(next(input_pipeline.create_train_iterator(
@@ -129,7 +130,7 @@ def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
   def step(device_state, batch, mean, learning_rate, step):
     inputs = {'image': on_device.train_images(batch, mean),
               'label': batch['label']}
-    return train.train_step(device_state, inputs, learning_rate, step,
+    return steps.train_step(device_state, inputs, learning_rate, step,
                             model=model, layout=layout, config=config)
 
   step_fn = layout.pmap(step, in_axes=(0, 0, 0, None, None),
@@ -162,7 +163,7 @@ def pipeline_only(data_dir: str, steps: int) -> float:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  train.create_model = _cheap_model  # The real loop, a ~free model.
+  steps.create_model = _cheap_model  # The real loop, a ~free model.
   long, short = _STEPS.value, _STEPS.value // 4
   with tempfile.TemporaryDirectory() as data_dir:
     real_loop(data_dir, short)  # Prepares the data, warms the caches.

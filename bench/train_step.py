@@ -1,7 +1,7 @@
 """Images/s of one AlexNet training step and one eval step, JAX vs PyTorch.
 
-A training step is `train.train_step` itself (forward with dropout, softmax
-cross-entropy, backward and the paper's update from `train.make_optimizer`),
+A training step is `steps.train_step` itself (forward with dropout, softmax
+cross-entropy, backward and the paper's update from `steps.make_optimizer`),
 mapped by `alexnet.parallel.Layout` exactly as training maps it (one `pmap`;
 both towers on one device with --devices=1, one tower per device with
 --devices=2), on the paper config's model. Eval is the forward pass alone.
@@ -82,9 +82,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 
 from alexnet import parallel  # pylint: disable=g-import-not-at-top
+from alexnet import steps  # pylint: disable=g-import-not-at-top
 from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
 from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
-import train  # pylint: disable=g-import-not-at-top
 
 NUM_CLASSES = 1000
 
@@ -118,9 +118,9 @@ class Bench:
       raise ValueError(f'--batch_size={batch_size} must divide over '
                        f'{layout.num_replicas} replicas')
     self.layout, self.config = layout, config
-    self.net = train.create_model(config, NUM_CLASSES, layout.exchange)
-    state = train.create_train_state(
-        config, train.create_model(config, NUM_CLASSES))
+    self.net = steps.create_model(config, NUM_CLASSES, layout.exchange)
+    state = steps.create_train_state(
+        config, steps.create_model(config, NUM_CLASSES))
     self.towers = layout.shard_towers(
         {'params': state.params, 'opt_state': state.opt_state})
     rng = np.random.default_rng(0)
@@ -133,8 +133,8 @@ class Bench:
     self.batch = layout.shard_batch({'image': images, 'label': labels})
 
   def train_step_fn(self):
-    """`train.train_step` under the layout's pmap, as training maps it."""
-    step = functools.partial(train.train_step, model=self.net,
+    """`steps.train_step` under the layout's pmap, as training maps it."""
+    step = functools.partial(steps.train_step, model=self.net,
                              layout=self.layout, config=self.config)
     return self.layout.pmap(step, in_axes=(0, 0, None, None),
                             donate_argnums=(0,))
@@ -235,7 +235,7 @@ def main() -> None:
     selected = [n for n in args.layers.split(',') if n]
     per_layer.print_table(args.batch_size, dtype, selected, args.steps,
                           args.warmup, torch_ok,
-                          train.make_optimizer(config, config.learning_rate),
+                          steps.make_optimizer(config, config.learning_rate),
                           args.conv_impl)
   if args.kernels:
     per_layer.print_kernel_table(args.batch_size, args.steps, args.warmup)

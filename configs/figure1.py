@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.features = (32, 32, 64)
 
   # --- Optimisation ---------------------------------------------------------
-  # The project's momentum SGD (train.make_optimizer) without regularisation:
+  # The project's momentum SGD (steps.make_optimizer) without regularisation:
   # no weight decay, no dropout, no augmentation.
   config.batch_size = 128
   config.momentum = 0.9

@@ -13,7 +13,7 @@ from alexnet import errors
 from alexnet import evaluation
 from alexnet import parallel
 from alexnet import prefetch
-import train
+from alexnet import steps
 
 
 def _oracle_rank(probs, label):
@@ -148,7 +148,7 @@ def test_eval_step_is_exact_across_replicas_and_padding():
         lambda x: x.reshape(layout.num_replicas, per_shard, *x.shape[1:]),
         batch))
   p_eval = layout.pmap(
-      lambda params, batch: train.eval_step(
+      lambda params, batch: steps.eval_step(
           params, batch, model=_FixedLogits(classes), layout=layout),
       out_axes=None)
   params = layout.shard_towers({'unused': np.zeros((2, 1))})

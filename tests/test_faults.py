@@ -23,6 +23,7 @@ from PIL import Image
 import pytest
 
 from alexnet import checkpoints
+from alexnet import steps
 import main
 import train
 
@@ -125,11 +126,11 @@ def _latest(workdir):
 
 
 def _restore(workdir, config):
-  state = train.create_train_state(config, train.create_model(config, 10))
+  state = steps.create_train_state(config, steps.create_model(config, 10))
   like = {'params': state.params, 'opt_state': state.opt_state,
           'plateau': state.plateau}
   with _Store(workdir) as store:
-    return store.restore(like, train.shape_signature(config, 10))
+    return store.restore(like, steps.shape_signature(config, 10))
 
 
 def _assert_same_as_reference(workdir, config, reference, exact=True):

@@ -21,6 +21,7 @@ from alexnet import checkpoints
 from alexnet import errors
 from alexnet import reporting
 from alexnet import schedule
+from alexnet import steps
 from configs import alexnet as configs
 import input_pipeline
 import train
@@ -129,10 +130,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
   store = checkpoints.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                   keep=2)
   assert store.latest_step() == 4
-  good = train.create_train_state(config, train.create_model(config, 10))
+  good = steps.create_train_state(config, steps.create_model(config, 10))
   like = {'params': good.params, 'opt_state': good.opt_state,
           'plateau': good.plateau}
-  restored, _ = store.restore(like, train.shape_signature(config, 10))
+  restored, _ = store.restore(like, steps.shape_signature(config, 10))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored['params']))
 
 
@@ -205,7 +206,7 @@ def test_optimizer_equals_the_papers_rule_in_float64_across_an_lr_drop():
         w += v
 
   got = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-  state = train.make_optimizer(config, 0.0).init(got)
+  state = steps.make_optimizer(config, 0.0).init(got)
   step = jax.jit(lambda p, s, g, lr: _apply(config, p, s, g, lr))
   for lr, grad in zip(rates, grads):
     got, state = step(got, state, grad, lr)
@@ -214,7 +215,7 @@ def test_optimizer_equals_the_papers_rule_in_float64_across_an_lr_drop():
 
 
 def _apply(config, params, state, grads, lr):
-  updates, state = train.make_optimizer(config, lr).update(grads, state,
+  updates, state = steps.make_optimizer(config, lr).update(grads, state,
                                                            params)
   return optax.apply_updates(params, updates), state
 
