@@ -9,7 +9,10 @@ run by process 0. `initialize(config)` decides whether to call it:
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID are (fields win);
 * automatically, in the cluster environments JAX detects by itself: a SLURM
   job step of two or more tasks (`srun`), an Open MPI job of two or more
-  ranks (`mpirun`), or a Cloud TPU VM (one process per TPU host);
+  ranks (`mpirun`), or a Cloud TPU VM (one process per TPU host), found as
+  JAX finds it: a PCI device of Google's vendor id *and* a TPU device id
+  (`tpu_present`). The vendor id alone is not a TPU: Google Cloud's gVNIC
+  network card has it too, on every GPU VM;
 * never otherwise: a plain machine runs one process over all its devices,
   where `jax.distributed.initialize()` would fail for want of a coordinator.
 
@@ -22,7 +25,6 @@ plain Python handler with one process.
 """
 
 import dataclasses
-import glob
 import os
 import signal
 import types
@@ -35,8 +37,21 @@ import ml_collections
 
 from alexnet import errors
 
-# PCI vendor id of Google's TPU chips (what JAX itself checks for a TPU VM).
+# How JAX itself recognises a TPU VM (jax/_src/hardware_utils.py in jax
+# 0.10): a PCI device of Google's vendor id with one of these device ids.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICES = {
+    '0x0027': 'TPU v2/v3',
+    '0x0056': 'TPU (plc)',
+    '0x005e': 'TPU v4',
+    '0x0062': 'TPU v5p',
+    '0x0063': 'TPU v5e',
+    '0x006f': 'TPU v6e',
+    '0x0076': 'TPU7x',
+}
+# Where Linux lists PCI devices, one directory each with `vendor` and
+# `device` files.
+PCI_DEVICES = '/sys/bus/pci/devices'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +75,44 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
         f'{name}={value!r} must be an integer.') from None
 
 
-def _has_tpu() -> bool:
-  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
-    try:
-      with open(path) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
-          return True
-    except OSError:
-      continue
+def _read_id(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def tpu_present(pci_root: str = PCI_DEVICES) -> bool:
+  """Whether a TPU chip is attached through PCI (as JAX decides it).
+
+  Args:
+    pci_root: the directory of PCI devices (a parameter for tests).
+
+  Returns:
+    True if some device there has Google's vendor id and a TPU device id.
+    Other Google devices (e.g. the gVNIC network card, device 0x0042, on
+    Google Cloud GPU VMs) are not TPUs.
+  """
+  try:
+    names = os.listdir(pci_root)
+  except OSError:
+    return False  # Not Linux, or no PCI bus visible (a container).
+  for name in names:
+    device = os.path.join(pci_root, name)
+    if (_read_id(os.path.join(device, 'vendor')) == _GOOGLE_PCI_VENDOR
+        and _read_id(os.path.join(device, 'device')) in _TPU_PCI_DEVICES):
+      return True
   return False
 
 
-def detect_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
+def detect_cluster(environ: Mapping[str, str] = os.environ,
+                   pci_root: str = PCI_DEVICES) -> str | None:
   """The multi-process cluster this process runs in, if JAX can detect it.
 
   Args:
     environ: the environment (a parameter for tests).
+    pci_root: the directory of PCI devices (a parameter for tests).
 
   Returns:
     'SLURM', 'Open MPI' or 'Cloud TPU', or None on a plain machine (or a
@@ -89,18 +126,20 @@ def detect_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
   if 'OMPI_MCA_orte_hnp_uri' in environ:
     if (_int_env(environ, 'OMPI_COMM_WORLD_SIZE') or 1) > 1:
       return 'Open MPI'
-  if 'TPU_WORKER_HOSTNAMES' in environ or _has_tpu():
+  if 'TPU_WORKER_HOSTNAMES' in environ or tpu_present(pci_root):
     return 'Cloud TPU'
   return None
 
 
 def settings(config: ml_collections.ConfigDict,
-             environ: Mapping[str, str] = os.environ) -> Settings | None:
+             environ: Mapping[str, str] = os.environ,
+             pci_root: str = PCI_DEVICES) -> Settings | None:
   """How to call `jax.distributed.initialize`, or None for one process.
 
   Args:
     config: uses coordinator_address, num_processes and process_id.
     environ: the environment (a parameter for tests).
+    pci_root: the directory of PCI devices (a parameter for tests).
 
   Returns:
     The settings, or None where this is the only process.
@@ -114,7 +153,7 @@ def settings(config: ml_collections.ConfigDict,
   count = config.num_processes or _int_env(environ, 'JAX_NUM_PROCESSES')
   index = (config.process_id if config.process_id >= 0
            else _int_env(environ, 'JAX_PROCESS_ID'))
-  cluster = detect_cluster(environ)
+  cluster = detect_cluster(environ, pci_root)
   explicit = (address, count, index) != (None, None, None)
   if not explicit:
     return None if cluster is None else Settings(None, None, None, cluster)
@@ -141,7 +180,9 @@ def settings(config: ml_collections.ConfigDict,
                   'explicit settings' + (f' in {cluster}' if cluster else ''))
 
 
-def initialize(config: ml_collections.ConfigDict) -> None:
+def initialize(config: ml_collections.ConfigDict,
+               environ: Mapping[str, str] = os.environ,
+               pci_root: str = PCI_DEVICES) -> None:
   """Connects the processes of a multi-process run; no-op for one process.
 
   Call it before anything touches a device (it must precede JAX's backend
@@ -149,8 +190,10 @@ def initialize(config: ml_collections.ConfigDict) -> None:
 
   Args:
     config: uses coordinator_address, num_processes and process_id.
+    environ: the environment (a parameter for tests).
+    pci_root: the directory of PCI devices (a parameter for tests).
   """
-  found = settings(config)
+  found = settings(config, environ, pci_root)
   if found is None:
     return
   # CPU devices talk through gloo across processes (GPUs and TPUs use their
