@@ -119,17 +119,19 @@ def planned_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
-             step: int | None) -> steps.TrainState:
-  """Checkpoint `step`, or a fresh state where `step` is None."""
+             step: int | None = None) -> steps.TrainState:
+  """Checkpoint `step`, else the latest readable one, else a fresh state."""
   config = experiment.config
   model = steps.create_model(config, experiment.info.num_classes)
-  if step is None:
+  like = jax.eval_shape(functools.partial(steps.initial_tree, config, model))
+  restored = store.restore(like, experiment.signature, step)
+  if restored is None:
     logging.info('Starting from scratch in %s.', experiment.workdir)
     return steps.create_train_state(config, model)
-  like = jax.eval_shape(functools.partial(steps.initial_tree, config, model))
-  tree, _ = store.restore(like, experiment.signature, step)
-  logging.info('Resuming from step %d in %s.', step, experiment.workdir)
-  return steps.TrainState(step=step, **jax.device_get(tree))
+  tree, meta = restored
+  logging.info('Resuming from step %d in %s.', meta['step'],
+               experiment.workdir)
+  return steps.TrainState(step=meta['step'], **jax.device_get(tree))
 
 
 @dataclasses.dataclass
@@ -164,8 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   store = experiment.open_checkpoints()
   try:
     # Refuses an incompatible or unshared workdir before any work.
-    state = _restore(experiment, store,
-                     store.check_latest(experiment.signature))
+    state = _restore(experiment, store)
     writer = metric_writers.create_default_writer(
         experiment.workdir, just_logging=jax.process_index() > 0)
     if state.step == 0:

@@ -11,15 +11,31 @@ Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a process killed mid-write leaves the previous checkpoints
 usable; the half-written one is ignored (and cleaned up) on the next start.
 
+A checkpoint damaged later (files truncated or deleted by an interrupted
+copy or a disk error) must not block the run: `restore` resumes from the
+newest checkpoint that reads, and moves the damaged newer ones to
+<directory>_damaged/ (kept for inspection, outside orbax's sight), with a
+warning naming each and what was wrong. It sets nothing aside unless an
+older checkpoint reads: a failure every checkpoint shares (e.g. code that
+changed the state's structure) is refused, not mistaken for damage.
+
 With several processes (`jax.distributed`) every process calls `save` and
 `restore`; orbax writes each array once and synchronises the processes, so
 the directory must be on a filesystem all of them share. `restore` first
 checks that every process sees the same latest step, so that a directory
-that is not shared fails with an error instead of a hang.
+that is not shared fails with an error instead of a hang. Every process
+reads each candidate checkpoint itself, and they agree (one all-gather per
+candidate) on whether it read everywhere; so they all fall back together,
+and none waits in a barrier for a process that failed to read. Process 0
+moves the damaged ones.
 """
 
+import dataclasses
+import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -31,8 +47,30 @@ from alexnet import errors
 PyTree = Any
 
 
+# How reading a checkpoint turned out, ordered by precedence when the
+# processes disagree (the highest wins).
+_READ, _DAMAGED, _OTHER_CONFIG = 0, 1, 2
+
+
 def _error(metrics: dict[str, float]) -> float:
   return metrics['error']
+
+
+def _reason(error: Exception) -> str:
+  """What was wrong, in one line (tensorstore appends a long JSON spec)."""
+  text = (str(error).split(' [tensorstore_spec=')[0].splitlines() or [''])[0]
+  text = f'{type(error).__name__}: {text}'
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+  """One process's attempt to read one checkpoint."""
+
+  outcome: int  # _READ, _DAMAGED or _OTHER_CONFIG.
+  state: PyTree = None
+  meta: dict[str, Any] | None = None
+  problem: str | None = None  # What was wrong, unless read.
 
 
 class Checkpoints:
@@ -61,6 +99,7 @@ class Checkpoints:
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=('state', 'meta'))
+    self._read_only = read_only
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -145,66 +184,137 @@ class Checkpoints:
 
   def restore(self, like: PyTree, expected: dict[str, Any],
               step: int | None = None) -> tuple[PyTree, dict[str, Any]] | None:
-    """The latest (or given) checkpoint, or None if there is none.
+    """The latest readable (or given) checkpoint, or None if there is none.
+
+    Called by all processes together. Without `step`, damaged checkpoints
+    newer than the one restored are moved to <directory>_damaged/ (unless
+    read-only) with one warning.
 
     Args:
       like: a state tree with the shapes and dtypes to restore into: host
         arrays, or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`).
       expected: meta['shape'] must equal this; otherwise the checkpoint
         comes from another configuration.
-      step: restore this step instead of the latest.
+      step: restore this step instead of the latest readable one.
 
     Returns:
       (state, meta), or None for an empty directory.
 
     Raises:
-      errors.WorkdirError: shapes that do not fit this config, or
-        processes that see different latest steps.
+      errors.WorkdirError: shapes that do not fit this config, processes
+        that see different latest steps, a damaged `step` (naming the
+        readable ones), or no checkpoint that reads at all.
     """
-    if step is None:
-      step = self.check_latest(expected)
-    else:
-      self._check(step, expected)
-    if step is None:
-      return None
-    meta = self._meta(step)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored['state'], meta
+    if step is not None:
+      return self._restore_step(step, target, expected)
+    self.agreed_latest_step()
+    damaged = []
+    for candidate in sorted(self._manager.all_steps(), reverse=True):
+      attempt = self._agreed_read(candidate, target, expected)
+      if attempt.outcome == _READ:
+        self._set_aside(damaged, candidate)
+        return attempt.state, attempt.meta
+      damaged.append((candidate, attempt.problem))
+    if damaged:
+      raise errors.WorkdirError(
+          f'No checkpoint in {self._manager.directory} can be read: '
+          f'{_listing(damaged)}. Restore them from a copy, or move them '
+          'away to start from scratch.')
+    return None
 
-  def check_latest(self, expected: dict[str, Any]) -> int | None:
-    """The latest step, after checking it can be restored with `expected`.
+  def _restore_step(self, step: int, target: PyTree,
+                    expected: dict[str, Any]) -> tuple[PyTree, dict[str, Any]]:
+    """Checkpoint `step`; if damaged, an error naming the readable ones."""
+    attempt = self._agreed_read(step, target, expected)
+    if attempt.outcome == _READ:
+      return attempt.state, attempt.meta
+    readable = [other for other in sorted(self._manager.all_steps())
+                if other != step and self._agreed_read(
+                    other, target, expected).outcome == _READ]
+    raise errors.WorkdirError(
+        f'The checkpoint of step {step} in {self._manager.directory} is '
+        f'damaged ({attempt.problem}). Readable checkpoints: '
+        f'{readable or "none"}' + (
+            f'; e.g. --checkpoint={readable[-1]}.' if readable else '.'))
 
-    Cheap (reads JSON only), so a run can refuse a workdir before any work.
-    Called by all processes together.
+  def _agreed_read(self, step: int, target: PyTree,
+                   expected: dict[str, Any]) -> _Attempt:
+    """Reads `step` on every process; the outcome is the same on all.
 
-    Args:
-      expected: the settings that fix parameter shapes (meta['shape']).
-
-    Returns:
-      The latest step every process sees, or None for an empty directory.
+    A collective with several processes: each reads, then all take the
+    worst outcome, so that a checkpoint one process could not read is
+    damaged for all of them.
 
     Raises:
-      errors.WorkdirError: a checkpoint of another configuration, or
-        processes that see different latest steps.
+      errors.WorkdirError: a checkpoint of another configuration.
     """
-    step = self.agreed_latest_step()
-    if step is not None:
-      self._check(step, expected)
-    return step
+    attempt = self._read(step, target, expected)
+    outcome = attempt.outcome
+    if jax.process_count() > 1:
+      outcome = int(np.asarray(multihost_utils.process_allgather(
+          np.int32(outcome))).max())
+    if outcome == _OTHER_CONFIG:
+      raise errors.WorkdirError(attempt.problem or (
+          f'Another process found that the checkpoint of step {step} in '
+          f'{self._manager.directory} does not fit this config.'))
+    if outcome == _DAMAGED and attempt.outcome == _READ:
+      return _Attempt(_DAMAGED, problem='unreadable on another process')
+    return attempt
 
-  def _meta(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  def _read(self, step: int, target: PyTree,
+            expected: dict[str, Any]) -> _Attempt:
+    """Reads checkpoint `step` on this process alone.
 
-  def _check(self, step: int, expected: dict[str, Any]) -> None:
-    shape = self._meta(step).get('shape')
-    if shape != expected:
-      raise errors.WorkdirError(
-          f'{self._manager.directory} holds a checkpoint (step {step}) of a '
-          f'run with {shape}, but this config gives {expected}. '
-          'Use another --workdir, or the config that wrote it.')
+    Straight through orbax's handlers, not the manager: the manager's
+    restore ends in a barrier of all processes, which would hang the ones
+    that read if another one failed.
+    """
+    folder = self._manager.directory / str(step)
+    handler = ocp.StandardCheckpointHandler()
+    # Damaged files raise many types (OSError, ValueError from tensorstore
+    # or JSON, ...). Any is taken as damage only because `restore` sets a
+    # checkpoint aside only once an older one has read with the same code.
+    part = folder / 'meta'
+    try:
+      meta = ocp.JsonCheckpointHandler().restore(part)
+      if meta.get('shape') != expected:
+        return _Attempt(_OTHER_CONFIG, problem=(
+            f'{self._manager.directory} holds a checkpoint (step {step}) of '
+            f'a run with {meta.get("shape")}, but this config gives '
+            f'{expected}. Use another --workdir, or the config that wrote '
+            'it.'))
+      part = folder / 'state'
+      state = handler.restore(part, args=ocp.args.StandardRestore(target))
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      return _Attempt(_DAMAGED, problem=f'{part.name}/: {_reason(error)}')
+    finally:
+      handler.close()
+    return _Attempt(_READ, state=state, meta=meta)
+
+  def _set_aside(self, damaged: list[tuple[int, str]], restored: int) -> None:
+    """Moves damaged checkpoints out of orbax's sight, with one warning."""
+    if not damaged:
+      return
+    directory = str(self._manager.directory)
+    destination = directory.rstrip('/') + '_damaged'
+    stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime())
+    moved = [os.path.join(destination, f'{step}-{stamp}')
+             for step, _ in damaged]
+    logging.warning(
+        'Damaged checkpoint%s in %s: %s. Restoring step %d instead; %s.',
+        's' * (len(damaged) > 1), directory, _listing(damaged), restored,
+        'left in place (read-only)' if self._read_only
+        else f'moved to {", ".join(moved)}')
+    if self._read_only:
+      return
+    if jax.process_index() == 0:
+      os.makedirs(destination, exist_ok=True)
+      for (step, _), path in zip(damaged, moved):
+        os.rename(os.path.join(directory, str(step)), path)
+    if jax.process_count() > 1:  # The others must see the moves.
+      multihost_utils.sync_global_devices('checkpoints: damaged set aside')
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
@@ -212,3 +322,7 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _listing(damaged: list[tuple[int, str]]) -> str:
+  return '; '.join(f'step {step} ({problem})' for step, problem in damaged)

@@ -1,6 +1,7 @@
 """Which checkpoints are kept, and finding one by 'latest', 'best' or step."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -51,3 +52,99 @@ def test_finding_in_an_empty_or_unevaluated_workdir_explains(tmp_path):
   with pytest.raises(errors.WorkdirError, match='--checkpoint=latest'):
     store.find('best')
   store.close()
+
+
+# --- Damaged checkpoints --------------------------------------------------
+
+
+def _files(folder):
+  return sorted(os.path.relpath(os.path.join(root, name), folder)
+                for root, _, names in os.walk(folder) for name in names)
+
+
+def _truncate_state(folder):
+  """Halves every file of the state's arrays (an interrupted copy)."""
+  for name in _files(folder):
+    if name.startswith('state'):
+      path = os.path.join(folder, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_array_data(folder):
+  """Deletes the state's data files (a lost file), leaving its index."""
+  data = os.path.join(folder, 'state', 'd')
+  assert os.listdir(data)
+  for name in os.listdir(data):
+    os.remove(os.path.join(data, name))
+
+
+def _three_checkpoints(directory):
+  store = checkpoints.Checkpoints(directory, keep=3)
+  for step in (1, 2, 3):
+    _save(store, step, error=None)
+  store.close()
+
+
+_LIKE = {'w': np.zeros(3, np.float32)}
+
+
+@pytest.mark.parametrize('damage', [_truncate_state, _delete_array_data])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_restored(
+    tmp_path, damage, caplog):
+  directory = str(tmp_path / 'checkpoints')
+  _three_checkpoints(directory)
+  damage(os.path.join(directory, '3'))
+  files = _files(os.path.join(directory, '3'))
+
+  store = checkpoints.Checkpoints(directory, keep=3)
+  state, meta = store.restore(_LIKE, None)
+  np.testing.assert_array_equal(state['w'], np.full(3, 2, np.float32))
+  assert meta == {'step': 2}
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelname == 'WARNING' and 'Damaged' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert re.search(r'step 3 \(state/: \w+Error: .+\)\. Restoring step 2 ',
+                   warnings[0]), warnings[0]
+  # Set aside whole, outside orbax's sight; the run goes on from step 2.
+  aside = os.listdir(tmp_path / 'checkpoints_damaged')
+  assert len(aside) == 1 and aside[0].startswith('3-'), aside
+  assert _files(tmp_path / 'checkpoints_damaged' / aside[0]) == files
+  assert store.latest_step() == 2
+  _save(store, 3)
+  store.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
+  reader = checkpoints.Checkpoints(directory, keep=3, read_only=True)
+  np.testing.assert_array_equal(reader.restore(_LIKE, None)[0]['w'],
+                                np.full(3, 3, np.float32))
+  reader.close()
+
+
+def test_a_damaged_checkpoint_asked_for_names_the_readable_ones(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  _three_checkpoints(directory)
+  _truncate_state(os.path.join(directory, '3'))
+  reader = checkpoints.Checkpoints(directory, keep=3, read_only=True)
+  with pytest.raises(errors.WorkdirError,
+                     match=r'step 3 .* is damaged \(state/: \w+Error: .+\)\. '
+                     r'Readable checkpoints: \[1, 2\]; e\.g\. '
+                     r'--checkpoint=2\.'):
+    reader.restore(_LIKE, None, step=reader.find('latest'))
+  reader.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']  # Read only.
+
+
+def test_nothing_is_set_aside_when_no_checkpoint_reads(tmp_path):
+  """A failure all checkpoints share may be the code's, not damage."""
+  directory = str(tmp_path / 'checkpoints')
+  _three_checkpoints(directory)
+  store = checkpoints.Checkpoints(directory, keep=3)
+  with pytest.raises(errors.WorkdirError,
+                     match=r'No checkpoint .* can be read: step 3 .*; '
+                     r'step 2 .*; step 1 .*move them away'):
+    store.restore({'v': np.zeros(3, np.float32)}, None)  # Another tree.
+  with pytest.raises(errors.WorkdirError, match=r'step 3\) of a run with '
+                     r"None, but this config gives \{'towers': 2\}"):
+    store.restore(_LIKE, {'towers': 2})
+  store.close()
+  assert sorted(os.listdir(tmp_path)) == ['checkpoints']
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
