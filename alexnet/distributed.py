@@ -37,8 +37,8 @@ import ml_collections
 
 from alexnet import errors
 
-# How JAX itself recognises a TPU VM (jax/_src/hardware_utils.py in jax
-# 0.10): a PCI device of Google's vendor id with one of these device ids.
+# How JAX itself recognises a TPU VM (its module jax._src.hardware_utils,
+# jax 0.10): a PCI device of Google's vendor id with one of these device ids.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
 _TPU_PCI_DEVICES = {
     '0x0027': 'TPU v2/v3',
