@@ -10,7 +10,9 @@ training; --mode=prepare writes the pre-resized shards that
 see alexnet/distributed.py; SIGTERM or SIGINT checkpoints and exits 0.
 """
 
+import difflib
 import logging as python_logging
+import re
 
 from absl import app
 from absl import flags
@@ -22,6 +24,7 @@ import tensorflow as tf
 
 from alexnet import distributed
 from alexnet import errors
+from alexnet import workdir as workdir_lib
 from alexnet.data import shards
 import train
 
@@ -91,6 +94,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
       workdir that cannot run, or a run that diverged, with no traceback.
   """
   try:
+    if mode != 'prepare':
+      workdir_lib.check_path(workdir)
     # First, before anything touches a device: JAX's backend must start
     # knowing all processes.
     distributed.initialize(config)
@@ -108,9 +113,79 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
     raise SystemExit(f'error: {error}') from None
 
 
+# A --config.FIELD override (or --noconfig.FIELD for a boolean).
+_OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]+)')
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+  """The first --config.FIELD of `argv` the config lacks, with close names."""
+  given = [arg.split('=', 1)[1] for arg in argv
+           if re.match(r'--?config=', arg)]
+  if not given:
+    return None
+  config = FLAGS['config'].parser.parse(given[-1])  # With no overrides.
+  for match in filter(None, map(_OVERRIDE.match, argv)):
+    path, node = match[1].split('.'), config
+    for depth, name in enumerate(path):
+      fields = list(node) if isinstance(node, ml_collections.ConfigDict) else []
+      if name not in fields:
+        where = '.'.join(['config'] + path[:depth])
+        close = [f'--{where}.{field}'
+                 for field in difflib.get_close_matches(name, fields)]
+        return (f'--config.{match[1]}: {where} has no field {name!r}'
+                + (f'; did you mean {" or ".join(close)}?' if close else '.'))
+      node = node[name]
+  return None
+
+
+def _flag_error(argv: list[str], error: Exception) -> str:
+  """One line for an error raised while parsing the flags."""
+  try:
+    unknown = _unknown_field(argv)
+  except Exception:  # pylint: disable=broad-exception-caught
+    unknown = None  # The config file itself fails: `error` says how.
+  if unknown:
+    return unknown
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if isinstance(error, flags.Error) and 'Traceback' not in str(error):
+    return f'{lines[0]} (--helpshort lists the flags).'
+  # The config file failed to load; ml_collections reports it with a
+  # traceback, whose last line says what went wrong.
+  last = lines[-1] if lines else ''
+  if not re.match(r'\w+(Error|Exception)\b', last):
+    last = f'{type(error).__name__}: {last}'
+  return f'--config: cannot load the config file ({last}).'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where every refusal is one `error:` line.
+
+  Passed to `app.run`: a misspelt --config.FIELD, a bad value or a config
+  file that cannot load would otherwise end in a traceback (the overrides
+  are applied while the flags are parsed, before `main` runs).
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The arguments that are not flags.
+
+  Raises:
+    SystemExit: 'error: ...' (exit status 1).
+  """
+  try:
+    remaining = FLAGS(argv)
+    # A config file that failed to load raises only when first used.
+    FLAGS.config.keys()
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise SystemExit(f'error: {_flag_error(argv, error)}') from None
+  return remaining
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise SystemExit(f'error: unexpected arguments {argv[1:]}: give every '
+                     'setting as a flag, e.g. --config.batch_size=128.')
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
@@ -118,4 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from alexnet import errors
+from alexnet import workdir
 
 PyTree = Any
 
@@ -84,7 +85,11 @@ class Checkpoints:
       keep: latest checkpoints to keep; the one with the lowest validation
         error is kept besides them.
       read_only: only read (e.g. to evaluate while a run trains there):
-        creates, writes and cleans up nothing.
+        creates, writes and cleans up nothing, and takes no lock.
+
+    Raises:
+      errors.WorkdirError: (unless read-only) another live run writes
+        there, see alexnet/workdir.py; or the directory cannot be written.
     """
     preserve = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
@@ -97,8 +102,15 @@ class Checkpoints:
         preservation_policy=preserve, best_fn=_error, best_mode='min',
         read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(
-        directory, options=options, item_names=('state', 'meta'))
+    # Taken before orbax opens the directory: opening it for writing
+    # cleans up temporary directories, which may be another run's saves.
+    self._lock = None if read_only else workdir.hold(directory)
+    try:
+      self._manager = ocp.CheckpointManager(
+          directory, options=options, item_names=('state', 'meta'))
+    except BaseException:
+      self._release()
+      raise
     self._read_only = read_only
 
   def latest_step(self) -> int | None:
@@ -321,7 +333,16 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """Ends pending work and releases the directory's lock."""
+    try:
+      self._manager.close()
+    finally:
+      self._release()
+
+  def _release(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
 
 def _listing(damaged: list[tuple[int, str]]) -> str:
