@@ -1,0 +1,286 @@
+"""One run per workdir, and refusals of a bad command line or workdir.
+
+The lock is checked in this process where that suffices (forged locks of
+dead or remote holders) and with real `main.py` processes where it matters:
+a second run on a workdir in use, and a run after a SIGKILL.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alexnet import checkpoints
+from alexnet import errors
+from alexnet import workdir
+import main
+import train
+
+HOST = socket.gethostname()
+TIMEOUT = 300  # Seconds any one process may take before the test fails.
+
+
+def _forge(held, **fields):
+  """Writes the file of lock `held` as a holder with `fields` would."""
+  record = {'host': HOST, 'pid': os.getpid(),
+            'identity': workdir.process_identity(os.getpid()),
+            'token': 'forged', 'lock': held.path, 'since': 'earlier'}
+  record.update(fields)
+  with open(held.path, 'w') as f:
+    json.dump(record, f)
+
+
+def _ended_pid():
+  process = subprocess.Popen(['true'])
+  process.wait()  # Reaped: its pid now names no process.
+  return process.pid
+
+
+# --- The lock, in this process --------------------------------------------
+
+
+def test_a_held_lock_refuses_a_second_holder_but_not_a_reader(tmp_path):
+  directory = str(tmp_path / 'run' / 'checkpoints')
+  first = workdir.Lock(directory)
+  first.acquire()
+  assert os.path.exists(first.path)
+  with pytest.raises(errors.WorkdirError,
+                     match=f'in use by another run: process {os.getpid()} '
+                     f'on host {re.escape(HOST)}, since'):
+    workdir.Lock(directory).acquire()
+  with pytest.raises(errors.WorkdirError, match='in use by another run'):
+    checkpoints.Checkpoints(directory, keep=1)
+  reader = checkpoints.Checkpoints(directory, keep=1, read_only=True)
+  with pytest.raises(errors.WorkdirError, match='No checkpoint in'):
+    reader.find('latest')  # Reading needs no lock.
+  reader.close()
+  first.release()
+  assert not os.path.exists(first.path)
+  store = checkpoints.Checkpoints(directory, keep=1)  # Free again.
+  store.close()
+  assert os.listdir(tmp_path / 'run') == ['checkpoints']
+
+
+@pytest.mark.parametrize('holder,death', [
+    (lambda: {'pid': _ended_pid()}, r'process \d+ has ended'),
+    (lambda: {'identity': 'another boot/0'},
+     r'process id \d+ now belongs to another process'),
+    (lambda: {'lock': '/elsewhere/checkpoints.lock'},
+     'the lock was copied from another directory'),
+])
+def test_the_lock_of_a_dead_holder_on_this_host_is_taken_over(
+    tmp_path, caplog, holder, death):
+  lock = workdir.Lock(str(tmp_path / 'checkpoints'))
+  _forge(lock, **holder())
+  lock.acquire()
+  assert re.search(f'Took over the lock .* of a dead run .*: {death}',
+                   caplog.text), caplog.text
+  with open(lock.path) as f:
+    assert json.load(f)['token'] != 'forged'
+  lock.release()
+  assert os.listdir(tmp_path) == []
+
+
+def test_another_hosts_lock_is_dead_once_its_heartbeat_is_stale(
+    tmp_path, caplog):
+  lock = workdir.Lock(str(tmp_path / 'checkpoints'), stale_seconds=60)
+  _forge(lock, host='elsewhere', pid=4242)
+  with pytest.raises(errors.WorkdirError,
+                     match=r'process 4242 on host elsewhere, since earlier '
+                     r'.*its heartbeat is \d s old, taken as dead after 60 s'):
+    lock.acquire()
+  old = time.time() - 61
+  os.utime(lock.path, (old, old))
+  lock.acquire()
+  assert re.search(r'process 4242 on host elsewhere\): no heartbeat for '
+                   r'6\d s', caplog.text), caplog.text
+  lock.release()
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path):
+  lock = workdir.Lock(str(tmp_path / 'checkpoints'), heartbeat_seconds=0.05)
+  lock.acquire()
+  os.utime(lock.path, (0, 0))
+  deadline = time.monotonic() + 30
+  while os.stat(lock.path).st_mtime == 0:
+    assert time.monotonic() < deadline, 'no heartbeat'
+    time.sleep(0.05)
+  assert time.time() - os.stat(lock.path).st_mtime < 30
+  lock.release()
+
+
+def test_a_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
+  (tmp_path / 'file').write_text('')
+  for path in (tmp_path / 'file', tmp_path / 'file' / 'run'):
+    with pytest.raises(errors.WorkdirError, match=f'{tmp_path / "file"} is '
+                       'a file, not a directory'):
+      workdir.check_path(str(path))
+    with pytest.raises(errors.WorkdirError, match='is a file'):
+      workdir.Lock(str(path / 'checkpoints')).acquire()
+  if os.geteuid() == 0:  # Root writes anywhere a filesystem lets it.
+    unwritable = '/sys/alexnet-test-run'
+  else:
+    unwritable = str(tmp_path / 'read_only' / 'run')
+    os.makedirs(os.path.dirname(unwritable), mode=0o500)
+  with pytest.raises(errors.WorkdirError,
+                     match=r'Cannot create the workdir .*Give a --workdir '
+                     'you can write'):
+    workdir.Lock(os.path.join(unwritable, 'checkpoints')).acquire()
+
+
+# --- The command line ------------------------------------------------------
+
+
+@pytest.fixture
+def parse(monkeypatch):
+  """parse(*flags): main.py's refusal of those flags, parsed here."""
+  def refusal(*flags):
+    argv = ['main.py', *flags]
+    monkeypatch.setattr(sys, 'argv', argv)  # Where config overrides are read.
+    try:
+      with pytest.raises(SystemExit) as exit_:
+        main.parse_flags(argv)
+    finally:
+      main.FLAGS.unparse_flags()
+    return exit_.value.code
+  return refusal
+
+
+def test_each_bad_flag_is_refused_in_one_line(parse, tmp_path):
+  tiny = '--config=configs/alexnet.py:tiny'
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n')
+  (tmp_path / 'raises.py').write_text('def get_config():\n  return {}[0]\n')
+  for flags, message in [
+      ((tiny, '--config.learning_rat=0.1'),
+       "--config.learning_rat: config has no field 'learning_rat'; did you "
+       'mean --config.learning_rate'),
+      ((tiny, '--config.width.x=1'),
+       "--config.width.x: config.width has no field 'x'."),
+      ((tiny, '--config.seed=one'),
+       "flag --config.seed=one: invalid literal for int() with base 10: "
+       "'one' (--helpshort lists the flags)."),
+      (('--config=configs/alexnet.py:tinny',),
+       "--config: cannot load the config file (ValueError: Unknown config "
+       "variant 'tinny'; choose one of"),
+      ((f'--config={tmp_path / "missing.py"}',),
+       '--config: cannot load the config file (OSError: [Errno 2] No such '
+       f"file or directory: '{tmp_path / 'missing.py'}')."),
+      ((f'--config={tmp_path / "syntax.py"}',),
+       '--config: cannot load the config file (SyntaxError: '),
+      ((f'--config={tmp_path / "raises.py"}',),
+       '--config: cannot load the config file (KeyError: 0).'),
+  ]:
+    code = parse(*flags, '--workdir=runs/x')
+    assert isinstance(code, str) and code.startswith(f'error: {message}'), (
+        code)
+    assert '\n' not in code, code
+
+
+def test_a_workdir_that_is_a_file_is_one_error_line(tiny, tmp_path):
+  (tmp_path / 'file').write_text('')
+  for mode in ('train', 'eval'):
+    with pytest.raises(SystemExit) as exit_:
+      main.run(tiny(), str(tmp_path / 'file'), mode)
+    assert exit_.value.code == (
+        f'error: --workdir {tmp_path / "file"}: {tmp_path / "file"} is a '
+        'file, not a directory. Give a directory (it is created if missing).')
+
+
+# --- Real processes --------------------------------------------------------
+
+
+class _Run:
+  """A main.py (or tests/fault_worker.py) process logging to a file."""
+
+  def __init__(self, repo, log, *flags, script='main.py', **env):
+    self.log = log
+    environ = dict(os.environ, JAX_PLATFORMS='cpu',
+                   XLA_FLAGS='--xla_force_host_platform_device_count=2',
+                   **{k: str(v) for k, v in env.items()})
+    with open(log, 'w') as out:
+      self.process = subprocess.Popen(
+          [sys.executable, os.path.join(repo, *script.split('/')), *flags],
+          cwd=repo, env=environ, stdout=out, stderr=subprocess.STDOUT)
+
+  def text(self) -> str:
+    with open(self.log) as f:
+      return f.read()
+
+  def wait(self) -> int:
+    try:
+      return self.process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      raise
+
+
+def _wait_for(run, text):
+  deadline = time.monotonic() + TIMEOUT
+  while text not in run.text():
+    assert run.process.poll() is None, run.text()[-3000:]
+    assert time.monotonic() < deadline, run.text()[-3000:]
+    time.sleep(0.05)
+
+
+def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(
+    repo, data_dir, tiny, tmp_path, caplog):
+  run_dir = str(tmp_path / 'run')
+  flags = ('--config=configs/alexnet.py:tiny', f'--workdir={run_dir}',
+           f'--config.data_dir={data_dir}', '--config.num_train_steps=1000')
+  # Slow steps (tests/fault_worker.py) keep the first run training, for
+  # as long as the second one needs to start, until it is killed.
+  first = _Run(repo, tmp_path / 'first.log', *flags,
+               script='tests/fault_worker.py', FAULT_STEP_SECONDS=0.5)
+  try:
+    _wait_for(first, 'Starting from scratch')  # It holds the lock.
+    second = _Run(repo, tmp_path / 'second.log', *flags)
+    assert second.wait() == 1, second.text()[-3000:]
+    assert first.process.poll() is None, first.text()[-3000:]
+    assert [line for line in second.text().splitlines()
+            if line.startswith('error')] == [
+                f'error: {run_dir} is in use by another run: process '
+                f'{first.process.pid} on host {HOST}, since '
+                + re.search(r'since (.*) \(lock', second.text())[1]
+                + f' (lock {run_dir}/checkpoints.lock). Wait for it to end '
+                'or stop it, or use another --workdir.'], second.text()
+    assert 'Traceback' not in second.text()
+    _wait_for(first, 'step 2/1000')  # Its first checkpoint is being saved.
+  finally:
+    first.process.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+
+  # The killed run's lock is left; the next run (here, to save starting a
+  # process, on the first run's 2 devices) takes it over and resumes.
+  assert os.path.exists(os.path.join(run_dir, 'checkpoints.lock'))
+  reader = checkpoints.Checkpoints(os.path.join(run_dir, 'checkpoints'),
+                                   keep=2, read_only=True)
+  resumed = reader.latest_step() or 0
+  reader.close()
+  caplog.set_level(logging.INFO)
+  state = train.train_and_evaluate(
+      tiny(num_train_steps=resumed + 1, num_devices=2), run_dir)
+  assert state.step == resumed + 1
+  assert re.search(f'Took over the lock .* of a dead run \\(process '
+                   f'{first.process.pid} on host .*\\): process '
+                   f'{first.process.pid} has ended', caplog.text)
+  assert not os.path.exists(os.path.join(run_dir, 'checkpoints.lock'))
+
+
+def test_a_misspelt_field_from_a_real_process_is_one_line_exit_1(
+    repo, tmp_path):
+  run = _Run(repo, tmp_path / 'typo.log', '--config=configs/alexnet.py:tiny',
+             f'--workdir={tmp_path / "run"}', '--config.batch_szie=16')
+  assert run.wait() == 1
+  assert 'Traceback' not in run.text()
+  assert [line for line in run.text().splitlines()
+          if line.startswith('error')] == [
+      "error: --config.batch_szie: config has no field 'batch_szie'; did you "
+      'mean --config.batch_size or --config.eval_batch_size?'], run.text()
+  assert not os.path.exists(tmp_path / 'run')
