@@ -151,6 +151,9 @@ class Lock:
   def acquire(self) -> None:
     """Takes the lock, first breaking it if its holder is dead.
 
+    One run is one process: where this process holds the lock already, the
+    lock is shared (and stays until its first taker releases it).
+
     Raises:
       errors.WorkdirError: a live run holds it (naming its host and pid),
         or the directory cannot be written.
@@ -166,6 +169,9 @@ class Lock:
       if found is None:
         continue  # Released meanwhile: try again.
       holder, age = found
+      if all(holder.get(key) == self._record[key]
+             for key in ('host', 'pid', 'identity', 'lock')):
+        return  # This process holds it already (another writer object).
       death = self._death(holder, age)
       if death is None:
         raise errors.WorkdirError(self._in_use(holder, age))

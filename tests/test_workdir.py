@@ -48,22 +48,28 @@ def _ended_pid():
 
 def test_a_held_lock_refuses_a_second_holder_but_not_a_reader(tmp_path):
   directory = str(tmp_path / 'run' / 'checkpoints')
-  first = workdir.Lock(directory)
-  first.acquire()
-  assert os.path.exists(first.path)
-  with pytest.raises(errors.WorkdirError,
-                     match=f'in use by another run: process {os.getpid()} '
-                     f'on host {re.escape(HOST)}, since'):
-    workdir.Lock(directory).acquire()
-  with pytest.raises(errors.WorkdirError, match='in use by another run'):
-    checkpoints.Checkpoints(directory, keep=1)
-  reader = checkpoints.Checkpoints(directory, keep=1, read_only=True)
-  with pytest.raises(errors.WorkdirError, match='No checkpoint in'):
-    reader.find('latest')  # Reading needs no lock.
-  reader.close()
-  first.release()
-  assert not os.path.exists(first.path)
-  store = checkpoints.Checkpoints(directory, keep=1)  # Free again.
+  lock = workdir.Lock(directory)
+  os.makedirs(tmp_path / 'run')
+  other = subprocess.Popen(['sleep', '600'])  # Another live process.
+  try:
+    _forge(lock, pid=other.pid, identity=workdir.process_identity(other.pid))
+    with pytest.raises(errors.WorkdirError,
+                       match=f'in use by another run: process {other.pid} '
+                       f'on host {re.escape(HOST)}, since earlier'):
+      lock.acquire()
+    with pytest.raises(errors.WorkdirError, match='in use by another run'):
+      checkpoints.Checkpoints(directory, keep=1)
+    reader = checkpoints.Checkpoints(directory, keep=1, read_only=True)
+    with pytest.raises(errors.WorkdirError, match='No checkpoint in'):
+      reader.find('latest')  # Reading needs no lock.
+    reader.close()
+  finally:
+    other.kill()
+    other.wait()
+  store = checkpoints.Checkpoints(directory, keep=1)  # Its holder ended.
+  # One process is one run: a second writer in it shares the lock.
+  checkpoints.Checkpoints(directory, keep=1).close()
+  assert os.path.exists(lock.path)
   store.close()
   assert os.listdir(tmp_path / 'run') == ['checkpoints']
 
