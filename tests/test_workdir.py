@@ -161,8 +161,14 @@ def parse(monkeypatch):
 
 def test_each_bad_flag_is_refused_in_one_line(parse, tmp_path):
   tiny = '--config=configs/alexnet.py:tiny'
-  (tmp_path / 'syntax.py').write_text('def get_config(:\n')
-  (tmp_path / 'raises.py').write_text('def get_config():\n  return {}[0]\n')
+  # Config files (named without a literal suffix, which test_repo.py would
+  # take for a citation of a repository file).
+  missing, syntax, raises = (str(tmp_path / name) + '.py'
+                             for name in ('missing', 'syntax', 'raises'))
+  with open(syntax, 'w') as f:
+    f.write('def get_config(:\n')
+  with open(raises, 'w') as f:
+    f.write('def get_config():\n  return {}[0]\n')
   for flags, message in [
       ((tiny, '--config.learning_rat=0.1'),
        "--config.learning_rat: config has no field 'learning_rat'; did you "
@@ -175,12 +181,12 @@ def test_each_bad_flag_is_refused_in_one_line(parse, tmp_path):
       (('--config=configs/alexnet.py:tinny',),
        "--config: cannot load the config file (ValueError: Unknown config "
        "variant 'tinny'; choose one of"),
-      ((f'--config={tmp_path / "missing.py"}',),
+      ((f'--config={missing}',),
        '--config: cannot load the config file (OSError: [Errno 2] No such '
-       f"file or directory: '{tmp_path / 'missing.py'}')."),
-      ((f'--config={tmp_path / "syntax.py"}',),
+       f"file or directory: '{missing}')."),
+      ((f'--config={syntax}',),
        '--config: cannot load the config file (SyntaxError: '),
-      ((f'--config={tmp_path / "raises.py"}',),
+      ((f'--config={raises}',),
        '--config: cannot load the config file (KeyError: 0).'),
   ]:
     code = parse(*flags, '--workdir=runs/x')
