@@ -2,7 +2,9 @@
 
 import os
 import re
+import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,3 +150,33 @@ def test_nothing_is_set_aside_when_no_checkpoint_reads(tmp_path):
   store.close()
   assert sorted(os.listdir(tmp_path)) == ['checkpoints']
   assert sorted(os.listdir(directory)) == ['1', '2', '3']
+
+
+def test_a_checkpoint_another_process_cannot_read_is_damaged_for_all(
+    tmp_path, monkeypatch, caplog):
+  """Process 0's view of a 2-process resume where process 1 fails to read
+  step 3: both take the worst outcome, so both restore step 2."""
+  directory = str(tmp_path / 'checkpoints')
+  _three_checkpoints(directory)
+  other = iter([3, 1, 0])  # Process 1: latest step, read step 3, step 2.
+  gathered = []
+
+  def allgather(value):
+    gathered.append(int(value))
+    return np.asarray([value, next(other)])
+
+  store = checkpoints.Checkpoints(directory, keep=3)
+  # Two processes as this module sees them (orbax itself stays with one).
+  monkeypatch.setattr(checkpoints, 'jax', types.SimpleNamespace(
+      process_count=lambda: 2, process_index=lambda: 0, tree=jax.tree))
+  monkeypatch.setattr(checkpoints.multihost_utils, 'process_allgather',
+                      allgather)
+  monkeypatch.setattr(checkpoints.multihost_utils, 'sync_global_devices',
+                      lambda name: None)
+  state, _ = store.restore(_LIKE, None)
+  monkeypatch.undo()
+  store.close()
+  np.testing.assert_array_equal(state['w'], np.full(3, 2, np.float32))
+  assert gathered == [3, 0, 0]  # This process read both.
+  assert 'step 3 (unreadable on another process)' in caplog.text
+  assert sorted(os.listdir(directory)) == ['1', '2']
