@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
 
+from alexnet import reporting
 from alexnet.data import ops
 from alexnet.data import sources
 from alexnet.errors import DatasetError
@@ -117,7 +118,7 @@ class _Progress:
     logging.info('prepare: %d/%d images (%.1f%%), %.0f images/s, ETA %s; '
                  'wrote %s', self._done, self._total,
                  100 * self._done / max(self._total, 1), rate,
-                 time.strftime('%H:%M:%S', time.gmtime(eta)), path)
+                 reporting.format_duration(eta), path)
 
 
 def prepare(config: Config, per_shard: int = EXAMPLES_PER_SHARD) -> str:
