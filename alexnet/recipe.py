@@ -9,7 +9,9 @@ them with those the checkpoint was written with (its meta['recipe']) and
 refuses a change in one line naming the fields and how to go on on purpose.
 
 Checkpoints written before the recipe was recorded carry none: they resume
-with a warning that the recipe could not be checked.
+with a warning that the recipe could not be checked. Refusing them would
+strand every older workdir; they also predate the current data order, so
+their run continues on a stream an uninterrupted run would not have seen.
 """
 
 from typing import Any
@@ -61,8 +63,10 @@ def check(meta: dict[str, Any], current: dict[str, Any], workdir: str,
   saved = meta.get(KEY)
   if saved is None:
     return (f'The checkpoint of step {step} in {workdir} records no data '
-            f'recipe ({", ".join(current)}), so whether they changed cannot '
-            'be checked; resuming with this config.')
+            f'recipe ({", ".join(current)}): it predates the recipe check '
+            'and the current data order (docs/REFERENCE.md, Data order), so '
+            'the examples from here on differ from an uninterrupted run\'s. '
+            'Resuming with this config.')
   changed = [f'{name} {saved.get(name)!r} -> {value!r}'
              for name, value in current.items() if saved.get(name) != value]
   if changed:
