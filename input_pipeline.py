@@ -26,7 +26,9 @@ One tf.data pipeline per process feeds all of its data-parallel replicas
 (leading axis R). Replica r reads its own slice of each split with its own
 random draws, so a run does not depend on how replicas are spread over
 processes, and a pipeline started at step k yields exactly the batches k,
-k+1, ... of one started at step 0.
+k+1, ... of one started at step 0. Starting late in an epoch costs no more
+than starting at its beginning: at most one shuffle window is read for
+nothing (docs/REFERENCE.md, Data order).
 
 Colour statistics (mean image, RGB eigenvectors) are computed once per
 (dataset, train split, resize_size) and cached as

@@ -27,6 +27,7 @@ from alexnet import evaluation
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import prefetch
+from alexnet import recipe as recipe_lib
 from alexnet import reporting
 from alexnet import schedule as schedule_lib
 from alexnet import steps
@@ -68,6 +69,11 @@ class _Experiment:
   @property
   def signature(self) -> dict[str, Any]:
     return steps.shape_signature(self.config, self.info.num_classes)
+
+  @property
+  def recipe(self) -> dict[str, Any]:
+    """What the data stream depends on; a resume must not change it."""
+    return recipe_lib.recipe(self.config, self.layout.num_replicas)
 
   def open_checkpoints(self, read_only: bool = False
                        ) -> checkpoints.Checkpoints:
@@ -119,8 +125,12 @@ def planned_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
-             step: int | None = None) -> steps.TrainState:
-  """Checkpoint `step`, else the latest readable one, else a fresh state."""
+             step: int | None = None,
+             resume: bool = False) -> steps.TrainState:
+  """Checkpoint `step`, else the latest readable one, else a fresh state.
+
+  To `resume` training, the checkpoint's recipe must be this run's.
+  """
   config = experiment.config
   model = steps.create_model(config, experiment.info.num_classes)
   like = jax.eval_shape(functools.partial(steps.initial_tree, config, model))
@@ -129,6 +139,11 @@ def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
     logging.info('Starting from scratch in %s.', experiment.workdir)
     return steps.create_train_state(config, model)
   tree, meta = restored
+  if resume:
+    warning = recipe_lib.check(meta, experiment.recipe, experiment.workdir,
+                               meta['step'])
+    if warning:
+      logging.warning(warning)
   logging.info('Resuming from step %d in %s.', meta['step'],
                experiment.workdir)
   return steps.TrainState(step=meta['step'], **jax.device_get(tree))
@@ -166,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   store = experiment.open_checkpoints()
   try:
     # Refuses an incompatible or unshared workdir before any work.
-    state = _restore(experiment, store)
+    state = _restore(experiment, store, resume=True)
     writer = metric_writers.create_default_writer(
         experiment.workdir, just_logging=jax.process_index() > 0)
     if state.step == 0:
@@ -215,8 +230,9 @@ def _train(experiment: _Experiment, store: checkpoints.Checkpoints,
       if save or step % config.log_every_steps == 0:
         reporter.flush(step, learning_rate)
       if save:
-        _save(experiment, store, training,
-              reporter if evaluated else None, scheduled)
+        with reporter.paused():
+          _save(experiment, store, training,
+                reporter if evaluated else None, scheduled)
       if stopping:
         logging.warning('Stopped after step %d on request; its checkpoint is '
                         'being written. Run the same command to resume.', step)
@@ -234,7 +250,8 @@ def _save(experiment: _Experiment, store: checkpoints.Checkpoints,
   """
   config = experiment.config
   tree = experiment.layout.gather_towers(training.device_state)
-  # The one divergence check: a checkpoint is never written non-finite.
+  # A non-finite loss stops the run at the flush before this; parameters
+  # can still go non-finite with a finite loss, and are never saved so.
   if not all(np.isfinite(x).all() for x in jax.tree.leaves(tree['params'])):
     raise errors.DivergedError(
         f'Training diverged: non-finite loss or parameters by step '
@@ -254,7 +271,7 @@ def _save(experiment: _Experiment, store: checkpoints.Checkpoints,
                               training.step),
         np.asarray(tree['params']['conv1']['kernel']))
   meta = {'step': training.step, 'seed': config.seed,
-          'shape': experiment.signature}
+          'shape': experiment.signature, recipe_lib.KEY: experiment.recipe}
   store.save(training.step, {**tree, 'plateau': training.plateau}, meta,
              error)
 

@@ -3,12 +3,20 @@
 Train metrics are averaged between writes, with throughput and an ETA;
 evaluation results go out with the learning-rate drops so far and the conv1
 kernels (the paper's Figure 3), and a validation loss stuck at chance gets
-one warning naming its known cause.
+one warning naming its known cause. A non-finite average loss stops the run
+at the write that sees it, before anything else is saved.
+
+Throughput counts training alone: time spent in `Reporter.paused` blocks
+(evaluations, checkpoints) is left out of images/s and step time, and
+spread over the remaining steps in the ETA. Durations print with days
+(`2d 03:14:00`), since a paper-sized run lasts about a week.
 """
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 
 from absl import logging
 from clu import metric_writers
@@ -16,9 +24,28 @@ import jax
 import ml_collections
 import numpy as np
 
+from alexnet import errors
 from alexnet import parallel
 from alexnet import pictures
 from alexnet import schedule as schedule_lib
+
+
+def format_duration(seconds: float) -> str:
+  """'2d 03:14:00' (days, then hh:mm:ss); under a day '03:14:00'.
+
+  Args:
+    seconds: a duration; rounded to whole seconds.
+
+  Returns:
+    The text; '?' for a duration that is not finite (no rate measured yet).
+  """
+  if not math.isfinite(seconds):
+    return '?'
+  days, rest = divmod(max(0, round(seconds)), 86_400)
+  hours, rest = divmod(rest, 3_600)
+  minutes, secs = divmod(rest, 60)
+  clock = f'{hours:02d}:{minutes:02d}:{secs:02d}'
+  return f'{days}d {clock}' if days else clock
 
 
 class FlatLossMonitor:
@@ -56,11 +83,16 @@ class Reporter:
 
   A step's train metrics stay on the devices until `flush`, so recording
   them never waits for the devices.
+
+  Not `clu.periodic_actions.ReportProgress`: its steps/s counts the time of
+  its `timed` parts (evaluations) too, and its ETA ('1d10h17m') goes to a
+  work-unit note rather than this log line.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
                schedule: schedule_lib.Schedule,
-               writer: metric_writers.MetricWriter, workdir: str):
+               writer: metric_writers.MetricWriter, workdir: str, *,
+               clock: Callable[[], float] = time.monotonic):
     """Writes nothing yet.
 
     Args:
@@ -70,17 +102,22 @@ class Reporter:
       schedule: the run's durations, for percentages and the ETA.
       writer: where scalars and pictures go.
       workdir: where process 0 saves conv1_kernels.png.
+      clock: seconds, monotonic (tests pass a fake one).
     """
     self._batch_size, self._schedule = config.batch_size, schedule
-    self._writer, self._workdir = writer, workdir
+    self._writer, self._workdir, self._clock = writer, workdir, clock
     self._flat_loss = FlatLossMonitor(num_classes, config.flat_loss_evals,
                                       config.init_scheme)
     self._pending = []
-    self._since = (0, time.perf_counter())
+    now = clock()
+    # (step, time) where this process started, and of the last flush.
+    self._start = self._since = (0, now)
+    # Seconds in `paused` blocks since the start, and since the last flush.
+    self._paused_total = self._paused = 0.0
 
   def start(self, layout: parallel.Layout, step: int) -> None:
     """Logs what the run will do, on which devices; times from `step`."""
-    self._since = (step, time.perf_counter())
+    self._start = self._since = (step, self._clock())
     if layout.towers_per_device == 1:
       devices = (f'{layout.num_devices} devices: {layout.num_replicas} '
                  'replica(s) of a tower pair, one tower per device')
@@ -95,29 +132,69 @@ class Reporter:
     """Keeps one step's {'loss', 'accuracy'} for the next `flush`."""
     self._pending.append(metrics)
 
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Leaves the block's wall time (evaluation, saving) out of images/s.
+
+    Call it right after a `flush`, which waits for the devices, so that no
+    training step is still running when the block starts.
+    """
+    start = self._clock()
+    try:
+      yield
+    finally:
+      seconds = self._clock() - start
+      self._paused += seconds
+      self._paused_total += seconds
+
   def flush(self, step: int, learning_rate: float) -> None:
-    """Writes the averages since the last flush and logs a progress line."""
+    """Writes the averages since the last flush and logs a progress line.
+
+    Args:
+      step: steps done.
+      learning_rate: the rate of the last step.
+
+    Raises:
+      errors.DivergedError: the average loss is not finite. Raised before
+        the caller saves anything, so the last checkpoint stays the last
+        good one.
+    """
     if not self._pending:
       return
     metrics = jax.device_get(self._pending)
     self._pending = []
     mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-    start_step, start_time = self._since
-    self._since = (step, time.perf_counter())
-    steps_per_s = (step - start_step) / max(self._since[1] - start_time, 1e-9)
+    (last_step, last_time), now = self._since, self._clock()
+    train_seconds = max(now - last_time - self._paused, 1e-9)
+    self._since, self._paused = (step, now), 0.0
+    steps_per_s = (step - last_step) / train_seconds
     images_per_s = steps_per_s * self._batch_size
     self._writer.write_scalars(step, {
         'train/loss': mean['loss'], 'train/accuracy': mean['accuracy'],
         'train/lr': learning_rate, 'train/images_per_s': images_per_s,
         'train/step_time_s': 1 / max(steps_per_s, 1e-9)})
-    total = self._schedule.total_steps
-    eta = (total - step) / max(steps_per_s, 1e-9)
+    if not math.isfinite(mean['loss']):
+      raise errors.DivergedError(
+          f'Training diverged: the mean loss of steps {last_step + 1}-{step} '
+          f'is {mean["loss"]}. Nothing non-finite was saved: the last good '
+          f'checkpoint is kept in {self._workdir}. Lower '
+          '--config.learning_rate or check the input scale, then rerun.')
     logging.info(
         'step %d/%d (%.1f%%, epoch %.2f) | loss %.4f | accuracy %.2f%% | lr %g'
-        ' | %.1f images/s | ETA %s', step, total, 100 * step / total,
+        ' | %.1f images/s | elapsed %s | ETA %s', step,
+        self._schedule.total_steps, 100 * step / self._schedule.total_steps,
         step / self._schedule.steps_per_epoch, mean['loss'],
         100 * mean['accuracy'], learning_rate, images_per_s,
-        time.strftime('%H:%M:%S', time.gmtime(eta)))
+        format_duration(now - self._start[1]),
+        format_duration(self.eta_seconds(step, steps_per_s)))
+
+  def eta_seconds(self, step: int, steps_per_s: float) -> float:
+    """Seconds to the last step: training at `steps_per_s`, plus the paused
+    time so far (evaluations, saving) per step done, for each step left."""
+    done = step - self._start[0]
+    overhead = self._paused_total / done if done > 0 else 0.0
+    left = self._schedule.total_steps - step
+    return left * (1 / max(steps_per_s, 1e-9) + overhead)
 
   def write_evaluation(self, step: int, results: dict[str, dict[str, float]],
                        lr_drops: int, conv1_kernel: np.ndarray) -> None:

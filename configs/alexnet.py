@@ -112,8 +112,9 @@ def paper_config() -> ml_collections.ConfigDict:
   # Evaluate the paper's 10 crops (corners + centre, and reflections) with
   # softmax averaging, besides the centre crop.
   config.ten_crop = True
-  # Training examples held in shuffle buffers, in total: each data-parallel
-  # replica shuffles its own slice of the data with an equal share.
+  # Training examples held in shuffle windows, in total: each data-parallel
+  # replica shuffles its own slice of the data in windows of an equal share
+  # (at least 1,024 examples; docs/REFERENCE.md, Data order).
   config.shuffle_buffer = 16_384
 
   # --- Model ----------------------------------------------------------------

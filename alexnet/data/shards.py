@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
 
+from alexnet import reporting
 from alexnet.data import ops
 from alexnet.data import sources
 from alexnet.errors import DatasetError
@@ -84,11 +85,18 @@ def _encoded(source: sources.Source, split: str, start: int, stop: int,
       encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _write_shard(path: str, examples: tf.data.Dataset) -> int:
-  """Writes a shard under a temporary name, then renames it; returns its size.
+def write_shard(path: str, examples: tf.data.Dataset) -> int:
+  """Writes a shard under a temporary name, then renames it.
 
   A process killed mid-shard leaves only the temporary file, which the
   reader never opens and the rerun overwrites.
+
+  Args:
+    path: the shard's file (see `shard_name`).
+    examples: (JPEG bytes, label) to write, in order.
+
+  Returns:
+    The number of examples written.
   """
   temporary = path + '.tmp'
   count = 0
@@ -117,7 +125,7 @@ class _Progress:
     logging.info('prepare: %d/%d images (%.1f%%), %.0f images/s, ETA %s; '
                  'wrote %s', self._done, self._total,
                  100 * self._done / max(self._total, 1), rate,
-                 time.strftime('%H:%M:%S', time.gmtime(eta)), path)
+                 reporting.format_duration(eta), path)
 
 
 def prepare(config: Config, per_shard: int = EXAMPLES_PER_SHARD) -> str:
@@ -148,16 +156,24 @@ def prepare(config: Config, per_shard: int = EXAMPLES_PER_SHARD) -> str:
   for split, index, count, start, stop in mine:
     path = os.path.join(directory, shard_name(split, index, count))
     examples = _encoded(source, split, start, stop, config.resize_size)
-    progress.update(_write_shard(path, examples), path)
+    progress.update(write_shard(path, examples), path)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('alexnet shards written')
   if jax.process_index() == 0:
-    _write_manifest(directory, source, config.resize_size, plan)
+    write_manifest(directory, source, config.resize_size, plan)
   return directory
 
 
-def _write_manifest(directory: str, source: sources.Source, resize_size: int,
-                    plan: list[tuple[str, int, int, int, int]]) -> None:
+def write_manifest(directory: str, source: sources.Source, resize_size: int,
+                   plan: list[tuple[str, int, int, int, int]]) -> None:
+  """Writes the manifest the reader requires, last (atomically).
+
+  Args:
+    directory: the shards directory.
+    source: the original data (its tag and classes).
+    resize_size: the side of the stored squares.
+    plan: (split, index, count, start, stop) of every shard.
+  """
   splits = {}
   for split, _, _, start, stop in plan:
     splits.setdefault(split, []).append(stop - start)
