@@ -321,7 +321,7 @@ def _caffe(config: ml_collections.ConfigDict) -> None:
   # The published figures are for the centre crop.
   config.ten_crop = False
   # Caffe trained without the PCA lighting noise and with its own
-  # initialisation (models/bvlc_alexnet/readme.md in Caffe).
+  # initialisation (bvlc_alexnet's page in Caffe's model zoo).
   config.pca_sigma = 0.0
   config.pca_stats = 'imagenet'
   config.init_scheme = 'caffe'

@@ -33,6 +33,7 @@ from alexnet import steps
 from alexnet.data import colour
 from alexnet.data import on_device
 from alexnet.importers import checkpoint as importer
+from alexnet.importers import layout as layout_lib
 from configs import alexnet as configs
 import input_pipeline
 import train
@@ -151,7 +152,12 @@ def _caffe_forward(weights, convs, squares, mean_bgr_chw, crop):
   x = jnp.asarray(squares[..., ::-1].transpose(0, 3, 1, 2), jnp.float32)
   x = x - mean_bgr_chw
   top = (x.shape[2] - crop) // 2
-  x = x[:, :, top:top + crop, top:top + crop]
+  return np.asarray(_caffe_logits(weights, convs,
+                                  x[:, :, top:top + crop, top:top + crop]))
+
+
+def _caffe_logits(weights, convs, x):
+  """Caffe's net on prepared (BGR, mean-subtracted) NCHW inputs."""
   pool = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 3, 3),
                                      (1, 1, 2, 2), 'VALID')
   for name, (_, groups, stride, pad) in convs.items():
@@ -168,12 +174,12 @@ def _caffe_forward(weights, convs, squares, mean_bgr_chw, crop):
     w, b = weights[name]
     x = jnp.dot(x, w.T, precision=lax.Precision.HIGHEST) + b
     x = jax.nn.relu(x) if name != 'fc8' else x
-  return np.asarray(x)
+  return x
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, floor=1.0):
   scale = np.abs(want).max()
-  assert scale > 1.0  # Logits that carry signal, not a vanished net.
+  assert scale > floor  # Logits that carry signal, not a vanished net.
   np.testing.assert_array_less(np.abs(got - want).max(), 1e-4 * scale)
 
 
@@ -323,6 +329,44 @@ def test_the_paper_lrn_is_not_caffes(small):
   paper.lrn.update(k=2.0, alpha_over_size=False, across_towers=False)
   logits = _forward(paper, params, squares, num_classes)
   assert np.abs(logits - oracle).max() > 1e-3 * np.abs(oracle).max()
+
+
+def test_gradients_on_tower_pairs_equal_caffes(small):
+  """Across-tower LRN in training: two replicas of a tower pair.
+
+  The gradient of Caffe's forward, w.r.t. its own weight layout, mapped by
+  the importer like weights, equals the towers' gradient.
+  """
+  config, path, weights, _ = small
+  rng = np.random.default_rng(3)
+  images = rng.normal(0, 50, (4, 3, 67, 67)).astype(np.float32)
+  labels = rng.integers(0, 10, 4)
+
+  def caffe_loss(weights):
+    logits = _caffe_logits(weights, TINY_CONVS, images)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+  caffe_grads = jax.tree.map(np.asarray, jax.grad(caffe_loss)(weights))
+  want, _ = layout_lib.tower_params('grads', 'caffe', caffe_grads, config)
+
+  layout = parallel.Layout.create(True, jax.devices()[:4])
+  assert (layout.num_replicas, layout.towers_per_device) == (2, 1)
+  model = steps.create_model(config, 10, layout.exchange)
+
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, y).mean(), None
+
+  grad = layout.pmap(lambda p, x, y: layout.grad(loss_fn)(p, x, y)[2])
+  params, _, _ = importer.read_params(config, path)
+  per_replica = lambda a: a.reshape(2, 2, *a.shape[1:])
+  grads = grad(layout.shard_towers(params),
+               layout.shard_batch(per_replica(images.transpose(0, 2, 3, 1))),
+               layout.shard_batch(per_replica(labels)))
+  for got, expected in zip(jax.tree.leaves(layout.gather_towers(grads)),
+                           jax.tree.leaves(want)):
+    _assert_close(got, expected, floor=0.0)
 
 
 def test_import_refuses_a_used_workdir_and_a_misfit(small, tmp_path):

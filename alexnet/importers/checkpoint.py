@@ -22,7 +22,7 @@ from alexnet.importers import caffe
 from alexnet.importers import layout
 from alexnet.importers import npy
 
-# BVLC's bvlc_alexnet.caffemodel (models/bvlc_alexnet/readme.md in Caffe):
+# BVLC's bvlc_alexnet.caffemodel (its page in Caffe's model zoo):
 # 57.1% top-1, 80.2% top-5 on ILSVRC-2012 val, centre crop.
 PUBLISHED_SHA1 = '9116a64c0fbe4459d18f4bb6b56d647b63920377'
 _READERS = {'.caffemodel': ('caffe', caffe.read_caffemodel),

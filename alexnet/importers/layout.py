@@ -42,7 +42,7 @@ def grouped_shapes(config: ml_collections.ConfigDict,
                       jax.eval_shape(grouped))
 
 
-def _file_shape(fmt: str, name: str, grouped: tuple) -> tuple:
+def _file_shape(fmt: str, grouped: tuple) -> tuple:
   """The shape a grouped-layout kernel has in the file's layout."""
   if fmt == 'npy' or len(grouped) == 1:
     return grouped
@@ -128,7 +128,7 @@ def tower_params(path: str, fmt: str, layers: dict[str, list[np.ndarray]],
     pad = bias_shape[0] - num_classes if name == 'fc8' else 0
     file_kernel = kernel_shape[:-1] + (kernel_shape[-1] - pad,)
     kernel = _checked(path, fmt, name, 'weights', layers[name][0],
-                      _file_shape(fmt, name, file_kernel))
+                      _file_shape(fmt, file_kernel))
     bias = _checked(path, fmt, name, 'bias', layers[name][1],
                     (bias_shape[0] - pad,))
     kernel = _to_grouped(fmt, name, kernel, maps)
