@@ -158,8 +158,10 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
   epoch_steps = steps_per_epoch(config, get_dataset_info(config),
                                 num_replicas)
   source = data_source(config)
-  lighting = colour.lighting_components(colour.colour_stats(config, source),
-                                        config.pca_stats)
+  # Published eigenvectors need no pass over the training set.
+  stats = (colour.colour_stats(config, source)
+           if config.pca_stats == 'dataset' else None)
+  lighting = colour.lighting_components(stats, config.pca_stats)
   resize, size = config.resize_size, config.image_size
 
   def wire(data, label, offset, flip, shift):

@@ -239,11 +239,13 @@ def mean_image(stats: ColourStats, mean: str) -> np.ndarray:
 
 
 def lighting_components(
-    stats: ColourStats, pca_stats: str) -> tuple[np.ndarray, np.ndarray]:
+    stats: ColourStats | None,
+    pca_stats: str) -> tuple[np.ndarray, np.ndarray]:
   """(eigvals, eigvecs) the PCA lighting uses.
 
   Args:
-    stats: the training split's statistics.
+    stats: the training split's statistics (unused, may be None, with
+      'imagenet').
     pca_stats: `config.pca_stats`, 'dataset' or 'imagenet'.
 
   Returns:

@@ -21,6 +21,7 @@ from alexnet import errors
 from alexnet import model as model_lib
 from alexnet import reference
 from alexnet import steps
+from alexnet.importers import caffe_proto
 
 LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
 # The file layouts: 'caffe' (.caffemodel) and 'npy' (the NumPy port).
@@ -69,8 +70,7 @@ def _to_grouped(fmt: str, name: str, kernel: np.ndarray,
 def _checked(path: str, fmt: str, name: str, what: str, array: np.ndarray,
              want: tuple) -> np.ndarray:
   """`array` with legacy leading ones dropped, if its shape is `want`."""
-  while array.ndim > len(want) and array.shape[0] == 1:
-    array = array[0]
+  array = caffe_proto.squeeze_leading(array, len(want))
   if array.shape != want:
     raise errors.WeightsError(
         f'{path}: layer {name} {what} has shape {array.shape}, but the net '
