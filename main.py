@@ -9,8 +9,9 @@ training; --mode=prepare writes the pre-resized shards that
 --config.use_shards=True then reads (no --workdir needed); --mode=import
 --weights=FILE writes published weights (bvlc_alexnet.caffemodel or its
 .npy port, with --config=configs/alexnet.py:caffe) as the step-0
-checkpoint of --workdir. Several processes (one per host) start through jax.distributed,
-see alexnet/distributed.py; SIGTERM or SIGINT checkpoints and exits 0.
+checkpoint of --workdir. Several processes (one per host) start through
+jax.distributed, see alexnet/distributed.py; SIGTERM or SIGINT checkpoints
+and exits 0.
 """
 
 import logging as python_logging
