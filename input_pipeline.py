@@ -101,13 +101,16 @@ def mean_image(config: Config) -> np.ndarray:
   """The image `on_device` subtracts (computes colour stats if not cached).
 
   Args:
-    config: uses mean, the data fields and resize_size.
+    config: uses mean, mean_file, the data fields and resize_size.
 
   Returns:
-    float32 [resize_size, resize_size, 3], 0-255 scale: the training split's
-    per-pixel mean, or its channel mean broadcast (config.mean).
+    float32 [resize_size, resize_size, 3] RGB, 0-255 scale: the training
+    split's (or config.mean_file's) per-pixel mean, or its channel mean
+    broadcast (config.mean).
   """
   validate_config(config)
+  if config.mean_file:
+    return colour.file_mean_image(config)
   stats = colour.colour_stats(config, data_source(config))
   return colour.mean_image(stats, config.mean)
 
@@ -157,8 +160,10 @@ def train_dataset(config: Config, *, replicas: Sequence[int],
   epoch_steps = steps_per_epoch(config, get_dataset_info(config),
                                 num_replicas)
   source = data_source(config)
-  lighting = colour.lighting_components(colour.colour_stats(config, source),
-                                        config.pca_stats)
+  # Published eigenvectors need no pass over the training set.
+  stats = (colour.colour_stats(config, source)
+           if config.pca_stats == 'dataset' else None)
+  lighting = colour.lighting_components(stats, config.pca_stats)
   resize, size = config.resize_size, config.image_size
 
   def wire(data, label, offset, flip, shift):

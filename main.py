@@ -6,8 +6,12 @@ Override any config field with --config.FIELD=VALUE. Running the same command
 again resumes from the last checkpoint in --workdir; adding --mode=eval
 evaluates a checkpoint there (--checkpoint=latest, best or a step) without
 training; --mode=prepare writes the pre-resized shards that
---config.use_shards=True then reads (no --workdir needed). Several processes (one per host) start through jax.distributed,
-see alexnet/distributed.py; SIGTERM or SIGINT checkpoints and exits 0.
+--config.use_shards=True then reads (no --workdir needed); --mode=import
+--weights=FILE writes published weights (bvlc_alexnet.caffemodel or its
+.npy port, with --config=configs/alexnet.py:caffe) as the step-0
+checkpoint of --workdir. Several processes (one per host) start through
+jax.distributed, see alexnet/distributed.py; SIGTERM or SIGINT checkpoints
+and exits 0.
 """
 
 import difflib
@@ -26,6 +30,7 @@ from alexnet import distributed
 from alexnet import errors
 from alexnet import workdir as workdir_lib
 from alexnet.data import shards
+from alexnet.importers import checkpoint as importer
 import train
 
 FLAGS = flags.FLAGS
@@ -35,11 +40,15 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard '
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. configs/alexnet.py (the paper) or '
     'configs/alexnet.py:digits (offline).', lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare', 'import'],
                   'train: train (or resume) and evaluate; eval: only '
                   'evaluate a checkpoint of --workdir, chosen by '
                   '--checkpoint; prepare: write the resize_size shards of '
-                  'the splits the config reads (resumable).')
+                  'the splits the config reads (resumable); import: write '
+                  '--weights as the step-0 checkpoint of --workdir.')
+flags.DEFINE_string('weights', None, 'With --mode=import: a .caffemodel '
+                    '(bvlc_alexnet, either Caffe format) or a .npy dict '
+                    '(its NumPy port).')
 flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval: 'latest', "
                     "'best' (lowest validation error) or a step number.")
 flags.register_validator(
@@ -49,7 +58,11 @@ flags.mark_flags_as_required(['config'])
 flags.register_multi_flags_validator(
     ['mode', 'workdir'],
     lambda values: values['mode'] == 'prepare' or bool(values['workdir']),
-    message='--workdir is required with --mode=train or --mode=eval.')
+    message='--workdir is required with --mode=train, eval or import.')
+flags.register_multi_flags_validator(
+    ['mode', 'weights'],
+    lambda values: (values['mode'] == 'import') == bool(values['weights']),
+    message='--weights goes with --mode=import, and --mode=import needs it.')
 
 # Libraries that log every checkpoint write or dataset read at INFO; their
 # warnings and errors still show.
@@ -78,16 +91,34 @@ def _print_results(workdir: str, step: int,
               f'{metrics[f"{crop}_loss"]:.4f}')
 
 
+def _import(config: ml_collections.ConfigDict, weights: str,
+            workdir: str) -> None:
+  imported = importer.import_weights(config, weights, workdir)
+  if jax.process_index():
+    return
+  print(f'{weights}: sha1 {imported.sha1}')
+  if imported.published:
+    print('  the published bvlc_alexnet.caffemodel (57.1% top-1, 80.2% '
+          'top-5 on ILSVRC-2012 val, centre crop)')
+  else:
+    print('  not the published bvlc_alexnet.caffemodel (sha1 '
+          f'{importer.PUBLISHED_SHA1})')
+  print(f'Imported {imported.num_classes} classes ({imported.file_format} '
+        f'layout) as the step-0 checkpoint in {imported.directory}.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
-        checkpoint: str = 'latest') -> None:
+        checkpoint: str = 'latest', weights: str | None = None) -> None:
   """Everything main() does once flags are parsed.
 
   Args:
     config: the experiment config.
     workdir: where the run lives.
-    mode: 'train' (or resume), 'eval' to evaluate a checkpoint, or
-      'prepare' to write the pre-resized shards.
+    mode: 'train' (or resume), 'eval' to evaluate a checkpoint,
+      'prepare' to write the pre-resized shards, or 'import' to write
+      `weights` as a step-0 checkpoint.
     checkpoint: with mode 'eval': 'latest', 'best' or a step number.
+    weights: with mode 'import': the weights file.
 
   Raises:
     SystemExit: 'error: ...' (exit status 1) for a config, dataset or
@@ -103,6 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
                  jax.process_index(), jax.process_count(), jax.local_devices())
     if mode == 'prepare':
       logging.info('Shards are in %s.', shards.prepare(config))
+    elif mode == 'import':
+      _import(config, weights, workdir)
     elif mode == 'eval':
       step, results = train.evaluate_checkpoint(config, workdir, checkpoint)
       if jax.process_index() == 0:
@@ -189,7 +222,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint)
+  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint, FLAGS.weights)
 
 
 if __name__ == '__main__':

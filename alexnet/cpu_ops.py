@@ -37,8 +37,10 @@ def local_response_norm(x: Array, *, groups: int, k: float, size: int,
 
   b_i = a_i / (k + alpha * sum_{j=i-size//2}^{i+size//2} a_j^2) ** beta,
   with the sum clipped at the group's edges: the window never crosses from
-  one tower's channels into the other's. alpha is not divided by size (as
-  in the paper and TensorFlow; unlike Caffe and PyTorch).
+  one tower's channels into the other's (groups=1 is Caffe's LRN over all
+  channels). alpha is not divided by size (as in the paper and TensorFlow);
+  Caffe's and PyTorch's form passes alpha / size (`model.AlexNet` does,
+  with `lrn_alpha_over_size`).
 
   Args:
     x: [..., groups * C] activations.

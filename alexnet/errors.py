@@ -25,3 +25,7 @@ class WorkdirError(UserError):
 
 class DivergedError(UserError):
   """Training produced a non-finite loss or parameters."""
+
+
+class WeightsError(UserError):
+  """A weights file to import that cannot be read or does not fit the net."""

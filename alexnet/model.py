@@ -11,7 +11,9 @@ the channel axis, tower 0 first. Layers that read only their own tower
 (conv2, conv4, conv5, LRN, dropout) run once per tower on its channels;
 layers that read both towers (conv3, fc6, fc7, fc8) first call the injected
 `exchange`, which returns the channels of all towers, and conv1, which reads
-the image, is shared the same way. Nothing else crosses towers.
+the image, is shared the same way. Nothing else crosses towers, except with
+`lrn_across_towers` (Caffe's bvlc_alexnet): its LRN windows read the
+neighbouring tower's edge channels.
 
 Shapes for a 227x227 input (docs/REFERENCE.md, Architecture; both towers):
 conv1 55x55x96 -> pool 27x27x96 -> conv2 27x27x256 -> pool 13x13x256 ->
@@ -219,6 +221,12 @@ class AlexNet(nn.Module):
     lrn_enabled: False makes every LRN the identity.
     lrn_k, lrn_size, lrn_alpha, lrn_beta: LRN constants (paper: 2, 5, 1e-4,
       0.75).
+    lrn_alpha_over_size: scale the sum of squares by lrn_alpha / lrn_size,
+      as Caffe does (paper: False, lrn_alpha itself).
+    lrn_across_towers: let the LRN window cross from one tower's channels
+      into the other's, as Caffe's LRN over all 96 (256) channels does
+      (paper: False, each tower apart). On a tower pair the neighbouring
+      tower's edge channels are exchanged.
     pool_size, pool_stride: max pooling windows (paper: 3, 2).
     activation: a key of ACTIVATIONS (paper: 'relu').
     dropout_rate: dropout after fc6 and fc7 in training.
@@ -238,6 +246,8 @@ class AlexNet(nn.Module):
   lrn_size: int = 5
   lrn_alpha: float = 1e-4
   lrn_beta: float = 0.75
+  lrn_alpha_over_size: bool = False
+  lrn_across_towers: bool = False
   pool_size: int = 3
   pool_stride: int = 2
   activation: str = 'relu'
@@ -306,12 +316,24 @@ class AlexNet(nn.Module):
     return self.exchange
 
   def _lrn(self, x: Array) -> Array:
-    """The paper's LRN inside each local tower, or the identity if disabled."""
+    """LRN inside each tower or across all channels; identity if disabled."""
     if not self.lrn_enabled:
       return x
-    return cpu_ops.local_response_norm(
-        x, groups=self._exchange.local_towers, k=self.lrn_k,
-        size=self.lrn_size, alpha=self.lrn_alpha, beta=self.lrn_beta)
+    alpha = self.lrn_alpha
+    if self.lrn_alpha_over_size:
+      alpha /= self.lrn_size
+    lrn = functools.partial(cpu_ops.local_response_norm, k=self.lrn_k,
+                            size=self.lrn_size, alpha=alpha,
+                            beta=self.lrn_beta)
+    exchange = self._exchange
+    if not self.lrn_across_towers:
+      return lrn(x, groups=exchange.local_towers)
+    halo = self.lrn_size // 2
+    if exchange.local_towers == self.towers or halo == 0:
+      return lrn(x, groups=1)
+    left, right = _neighbour_edges(x, halo, exchange, self.towers)
+    wide = lrn(jnp.concatenate([left, x, right], axis=-1), groups=1)
+    return wide[..., halo:halo + x.shape[-1]]
 
   def _layer_kwargs(self, name: str) -> dict[str, Any]:
     std, bias = INITIALIZATIONS[self.init_scheme][name]
@@ -338,6 +360,40 @@ class AlexNet(nn.Module):
       keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, xt.shape)
       kept.append(jnp.where(keep, xt / (1.0 - self.dropout_rate), 0))
     return jnp.concatenate(kept, axis=-1)
+
+
+def _neighbour_edges(x: Array, halo: int, exchange: Exchange,
+                     towers: int) -> tuple[Array, Array]:
+  """The channels an LRN window across towers reads from the neighbours.
+
+  For the one tower on this device (`exchange.local_towers` is 1): the last
+  `halo` channels of the tower before it and the first `halo` of the tower
+  after it, zeros where there is none (the zero padding of the window at
+  the net's outer channels). Only these edges travel, not whole maps.
+
+  Args:
+    x: [..., C] this tower's activations.
+    halo: channels on each side of the window's centre (size // 2).
+    exchange: the tower exchange (one local tower).
+    towers: towers of the net.
+
+  Returns:
+    (left, right), each [..., halo].
+  """
+  if x.shape[-1] < halo:
+    raise errors.ConfigError(
+        f'config.lrn.size reaches {halo} channels into the next tower, but '
+        f'a tower has only {x.shape[-1]} here: raise config.width or lower '
+        'config.lrn.size.')
+  edges = exchange(jnp.concatenate([x[..., :halo], x[..., -halo:]], -1))
+  edges = edges.reshape(*x.shape[:-1], towers, 2, halo)
+  tower = exchange.first_tower()
+  zeros = jnp.zeros_like(x[..., :halo])
+  before = jnp.take(edges, jnp.maximum(tower - 1, 0), axis=-3)[..., 1, :]
+  after = jnp.take(edges, jnp.minimum(tower + 1, towers - 1),
+                   axis=-3)[..., 0, :]
+  return (jnp.where(tower > 0, before, zeros),
+          jnp.where(tower < towers - 1, after, zeros))
 
 
 def count_params(params: Any) -> int:

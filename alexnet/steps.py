@@ -48,7 +48,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
       num_classes=num_classes, width=config.width, towers=config.towers,
       lrn_enabled=config.lrn.enabled, lrn_k=config.lrn.k,
       lrn_size=config.lrn.size, lrn_alpha=config.lrn.alpha,
-      lrn_beta=config.lrn.beta, pool_size=config.pool_size,
+      lrn_beta=config.lrn.beta,
+      lrn_alpha_over_size=config.lrn.alpha_over_size,
+      lrn_across_towers=config.lrn.across_towers, pool_size=config.pool_size,
       pool_stride=config.pool_stride, activation=config.activation,
       dropout_rate=config.dropout_rate, init_scheme=config.init_scheme,
       conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype),
@@ -187,7 +189,8 @@ def map_train_step(model: model_lib.AlexNet, layout: parallel.Layout,
     mean_image is `layout.replicate`d; device_state is donated.
   """
   def normalised_step(device_state, batch, mean_image, learning_rate, step):
-    inputs = {'image': on_device.train_images(batch, mean_image),
+    inputs = {'image': on_device.train_images(batch, mean_image,
+                                              config.channel_order),
               'label': batch['label']}
     return train_step(device_state, inputs, learning_rate, step,
                       model=model, layout=layout, config=config)
@@ -205,7 +208,7 @@ def map_eval_step(model: model_lib.AlexNet, layout: parallel.Layout,
   """
   def normalised_step(params, batch, mean_image):
     views = on_device.eval_images(batch, mean_image, config.image_size,
-                                  config.ten_crop)
+                                  config.ten_crop, config.channel_order)
     return eval_step(params, {**batch, 'image': views}, model=model,
                      layout=layout)
   return layout.pmap(normalised_step, out_axes=None)

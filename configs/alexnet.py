@@ -31,6 +31,18 @@ Select a variant with the config string, e.g. `--config=configs/alexnet.py:digit
       python main.py --config=configs/alexnet.py:fashion_mnist \
           --workdir=runs/fashion_mnist
 
+* `configs/alexnet.py:caffe`: BVLC Caffe's bvlc_alexnet, the same two-tower
+  net with Caffe's LRN (k=1, alpha/5, across both towers), BGR input and
+  Caffe's mean image (imagenet_mean.binaryproto, from Caffe's
+  data/ilsvrc12/get_ilsvrc_aux.sh, in the current directory or at
+  --config.mean_file). Import the published weights, then score them
+  (published: 57.1% top-1, 80.2% top-5 on ILSVRC-2012 val, centre crop):
+
+      python main.py --config=configs/alexnet.py:caffe --mode=import \
+          --weights=bvlc_alexnet.caffemodel --workdir=runs/bvlc_alexnet
+      python main.py --config=configs/alexnet.py:caffe --mode=eval \
+          --workdir=runs/bvlc_alexnet
+
 * `configs/alexnet.py:tiny`: a few-second variant for tests (narrow net,
   67-pixel input, a handful of steps).
 
@@ -45,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the paper's recipe, or the variant named by `arg`."""
   config = paper_config()
   variants = {'digits': _digits, 'fashion_mnist': _fashion_mnist,
-              'tiny': _tiny}
+              'tiny': _tiny, 'caffe': _caffe}
   if arg:
     if arg not in variants:
       raise ValueError(
@@ -99,6 +111,14 @@ def paper_config() -> ml_collections.ConfigDict:
   # Mean subtracted from every input, on the 0-255 scale: 'pixel' (the
   # paper's per-pixel mean image of the training set) or 'channel'.
   config.mean = 'pixel'
+  # A published mean image to subtract instead of the training set's: a
+  # Caffe .binaryproto (BlobProto) or a .npy array, [3, Z, Z] or [Z, Z, 3]
+  # with Z = resize_size, in channel_order. '' (the paper): computed from
+  # the training split and cached.
+  config.mean_file = ''
+  # Channel order the net reads: 'rgb' (the paper) or 'bgr' (Caffe's
+  # weights). The mean is subtracted in RGB and the channels reversed last.
+  config.channel_order = 'rgb'
   # Std of the PCA lighting noise alpha (paper: 0.1); 0 disables it.
   config.pca_sigma = 0.1
   # Where the RGB eigenvectors/values come from: 'dataset' (computed once on
@@ -141,6 +161,13 @@ def paper_config() -> ml_collections.ConfigDict:
   config.lrn.size = 5
   config.lrn.alpha = 1e-4
   config.lrn.beta = 0.75
+  # True scales the sum of squares by alpha / size, as Caffe and PyTorch do
+  # (paper: False, alpha itself).
+  config.lrn.alpha_over_size = False
+  # True lets the window run across both towers' channels, as Caffe's LRN
+  # over all 96 (256) maps does (paper: False, inside each tower). On a
+  # tower pair the neighbour's edge channels are exchanged.
+  config.lrn.across_towers = False
   # Dropout after fc6 and fc7 (paper: 0.5).
   config.dropout_rate = 0.5
   # Initialisation: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or
@@ -282,3 +309,20 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
   config.shuffle_buffer = 64
+
+
+def _caffe(config: ml_collections.ConfigDict) -> None:
+  """BVLC Caffe's bvlc_alexnet: its LRN, channel order and mean image."""
+  # ImageNet, 227 crops of 256 squares, 1000 classes: the paper's.
+  config.lrn.k = 1.0
+  config.lrn.alpha_over_size = True
+  config.lrn.across_towers = True
+  config.channel_order = 'bgr'
+  config.mean_file = 'imagenet_mean.binaryproto'
+  # The published figures are for the centre crop.
+  config.ten_crop = False
+  # Caffe trained without the PCA lighting noise and with its own
+  # initialisation (bvlc_alexnet's page in Caffe's model zoo).
+  config.pca_sigma = 0.0
+  config.pca_stats = 'imagenet'
+  config.init_scheme = 'caffe'

@@ -11,7 +11,9 @@ by 255).
 Statistics are accumulated in float64 from batches of images that were
 already resized and centre-cropped to resize_size, and cached as one .npz
 per (dataset, split, resize_size), see `cache_path`; `colour_stats` reads the
-cache or computes it from a source.
+cache or computes it from a source. `file_mean_image` reads a published
+mean image instead (config.mean_file: Caffe's imagenet_mean.binaryproto or
+a .npy array), for weights trained with it.
 """
 
 import dataclasses
@@ -20,12 +22,15 @@ import re
 import tempfile
 
 from absl import logging
+from google.protobuf import message as protobuf_message
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from alexnet import errors
 from alexnet.data import ops
 from alexnet.data import sources
+from alexnet.importers import caffe_proto
 
 # ImageNet's published values on [0,1]-scaled pixels (fb.resnet.torch;
 # docs/REFERENCE.md, Data): eigenvalues in descending order and eigenvectors
@@ -234,11 +239,13 @@ def mean_image(stats: ColourStats, mean: str) -> np.ndarray:
 
 
 def lighting_components(
-    stats: ColourStats, pca_stats: str) -> tuple[np.ndarray, np.ndarray]:
+    stats: ColourStats | None,
+    pca_stats: str) -> tuple[np.ndarray, np.ndarray]:
   """(eigvals, eigvecs) the PCA lighting uses.
 
   Args:
-    stats: the training split's statistics.
+    stats: the training split's statistics (unused, may be None, with
+      'imagenet').
     pca_stats: `config.pca_stats`, 'dataset' or 'imagenet'.
 
   Returns:
@@ -247,3 +254,54 @@ def lighting_components(
   if pca_stats == 'dataset':
     return stats.eigvals, stats.eigvecs
   return IMAGENET_EIGVALS, IMAGENET_EIGVECS
+
+
+def _read_mean_array(path: str) -> np.ndarray:
+  """The array in a .binaryproto (a Caffe BlobProto) or a plain .npy."""
+  if path.endswith('.npy'):
+    return np.load(path, allow_pickle=False)  # A plain array: no pickle.
+  with open(path, 'rb') as f:
+    blob = caffe_proto.BlobProto.FromString(f.read())
+  return caffe_proto.squeeze_leading(caffe_proto.blob_array(blob), 3)
+
+
+def file_mean_image(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The mean image in config.mean_file, as `mean_image` gives it.
+
+  The file holds [3, Z, Z] (channels first, as Caffe writes it; a leading
+  1 is dropped) or [Z, Z, 3], in config.channel_order (Caffe's
+  imagenet_mean.binaryproto: BGR, Z = 256) on the 0-255 scale.
+
+  Args:
+    config: uses mean_file, channel_order, resize_size and mean.
+
+  Returns:
+    float32 [resize_size, resize_size, 3] RGB: the file's image, or its
+    channel mean broadcast (config.mean='channel').
+
+  Raises:
+    errors.DatasetError: a missing or unreadable file, or one of another
+      size.
+  """
+  path, size = config.mean_file, config.resize_size
+  try:
+    array = _read_mean_array(path)
+  except (OSError, ValueError, protobuf_message.DecodeError) as error:
+    raise errors.DatasetError(
+        f'config.mean_file={path!r} cannot be read ({error}). Give a Caffe '
+        '.binaryproto (BVLC: data/ilsvrc12/get_ilsvrc_aux.sh fetches '
+        "imagenet_mean.binaryproto) or a .npy array, or '' for the "
+        "training set's own mean.") from None
+  if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+    array = array.transpose(1, 2, 0)
+  if array.shape != (size, size, 3):
+    raise errors.DatasetError(
+        f'config.mean_file={path!r} holds an image of shape {array.shape}; '
+        f'config.resize_size={size} needs [3, {size}, {size}] or '
+        f'[{size}, {size}, 3].')
+  if config.channel_order == 'bgr':
+    array = array[..., ::-1]
+  image = np.ascontiguousarray(array, np.float32)
+  if config.mean == 'channel':
+    image = np.broadcast_to(image.mean(axis=(0, 1)), image.shape).copy()
+  return image

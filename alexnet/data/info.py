@@ -14,7 +14,8 @@ from alexnet.errors import DatasetError
 
 Config = ml_collections.ConfigDict
 # Allowed values of the config's data choices.
-CHOICES = {'mean': ('pixel', 'channel'), 'pca_stats': ('dataset', 'imagenet')}
+CHOICES = {'mean': ('pixel', 'channel'), 'pca_stats': ('dataset', 'imagenet'),
+           'channel_order': ('rgb', 'bgr')}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,11 @@ evaluation ships each resized square once instead of ten float views. Here,
 on one replica's batch (no leading replica axis), the mean image is
 subtracted, the PCA lighting shift added and the evaluation views cut. The
 results equal a float pipeline doing the same on the host.
+
+Everything upstream is RGB, the mean image included. `channel_order='bgr'`
+reverses the channels of the finished images last, for weights trained on
+BGR inputs (Caffe's bvlc_alexnet): (rgb - mean_rgb) reversed equals
+bgr - mean_bgr.
 """
 
 from collections.abc import Mapping
@@ -12,9 +17,20 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+# Channel orders the net can read; 'rgb' is the paper's (and tf.data's).
+CHANNEL_ORDERS = ('rgb', 'bgr')
 
-def train_images(batch: Mapping[str, jax.Array],
-                 mean_image: jax.Array) -> jax.Array:
+
+def to_channel_order(images: jax.Array, channel_order: str) -> jax.Array:
+  """RGB images [..., 3] in `channel_order` ('rgb' or 'bgr')."""
+  if channel_order not in CHANNEL_ORDERS:
+    raise ValueError(f'channel_order={channel_order!r}: choose one of '
+                     f'{CHANNEL_ORDERS}.')
+  return images[..., ::-1] if channel_order == 'bgr' else images
+
+
+def train_images(batch: Mapping[str, jax.Array], mean_image: jax.Array,
+                 channel_order: str = 'rgb') -> jax.Array:
   """Mean-subtracted, reflected, lighting-shifted training crops.
 
   Args:
@@ -22,6 +38,7 @@ def train_images(batch: Mapping[str, jax.Array],
       'offset': int32 [b, 2] crop (top, left) in the resize square,
       'flip': bool [b], 'shift': float32 [b, 3] PCA shift, 0-255 scale}.
     mean_image: float32 [Z, Z, 3], the mean over resize squares.
+    channel_order: of the returned images (see `to_channel_order`).
 
   Returns:
     float32 [b, S, S, 3]: image - mean crop (reflected with the image)
@@ -36,11 +53,13 @@ def train_images(batch: Mapping[str, jax.Array],
 
   means = jax.vmap(mean_crop)(batch['offset'], batch['flip'])
   images = batch['image'].astype(jnp.float32) - means
-  return images + batch['shift'][:, None, None, :]
+  return to_channel_order(images + batch['shift'][:, None, None, :],
+                          channel_order)
 
 
 def eval_images(batch: Mapping[str, jax.Array], mean_image: jax.Array,
-                image_size: int, ten_crop: bool) -> jax.Array:
+                image_size: int, ten_crop: bool,
+                channel_order: str = 'rgb') -> jax.Array:
   """The paper's test views of mean-subtracted resize squares.
 
   Args:
@@ -48,13 +67,15 @@ def eval_images(batch: Mapping[str, jax.Array], mean_image: jax.Array,
     mean_image: float32 [Z, Z, 3].
     image_size: view side S.
     ten_crop: ten views per image, else the centre view only.
+    channel_order: of the returned views (see `to_channel_order`).
 
   Returns:
     float32 [b, V, S, S, 3], V = 10 or 1: view 0 the centre, 1-4 the corners
     top-left, top-right, bottom-left, bottom-right, 5-9 the horizontal
     reflections of views 0-4.
   """
-  squares = batch['image'].astype(jnp.float32) - mean_image
+  squares = to_channel_order(
+      batch['image'].astype(jnp.float32) - mean_image, channel_order)
   far = squares.shape[1] - image_size
   centre = far // 2
   offsets = [(centre, centre)]
