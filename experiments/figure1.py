@@ -1,16 +1,20 @@
 """Figure 1 of the paper: epochs to 25% training error, ReLU against tanh.
 
-    python -m alexnet.figure1 --config=configs/figure1.py \
+    python -m experiments.figure1 --config=configs/figure1.py \
         --workdir=runs/figure1
 
-For each activation every candidate learning rate trains for a short sweep;
-the fastest learner (lowest mean training error over the sweep) trains on,
-from where it stopped, to the full length. Writes into the workdir:
-`figure1.png` (training error per epoch, ReLU solid, tanh dashed, as in the
-paper), `figure1.json` (every curve, the chosen learning rates, the crossing
-epochs and their ratios) and TensorBoard scalars, one run per
-(activation, learning rate). Prints the epochs each activation needs to
-reach every target error and the ratio tanh / ReLU.
+For every seed and activation, each candidate learning rate trains for a
+short sweep; the fastest learner (lowest mean training error over the sweep)
+trains on, from where it stopped, to the full length. Writes into the
+workdir: `figure1.png` (training error per epoch, one line per seed, ReLU
+solid blue, tanh dashed red), `figure1.json` (every curve, the chosen
+learning rates, the crossing epochs and their ratios) and TensorBoard
+scalars, one run per (seed, activation, learning rate). Prints a table of
+the epochs each activation needs to reach every target error, and of the
+ratio tanh / ReLU as mean ± standard deviation over the seeds.
+
+A finished seed leaves `seed<k>/curves.json`; running the command again
+reads it instead of training that seed again.
 """
 
 from collections.abc import Sequence
@@ -22,8 +26,8 @@ import os
 from typing import Any
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 from clu import metric_writers
 import flax.linen as nn
 import jax
@@ -34,13 +38,13 @@ import numpy as np
 import optax
 
 from alexnet import errors
-from alexnet import pictures
-from alexnet import plot
 from alexnet import steps
 from alexnet.data import fashion_mnist
+from experiments import plots
 
 ACTIVATIONS = ('relu', 'tanh')
-_ACTIVATION_FNS = {'relu': nn.relu, 'tanh': jnp.tanh}
+# The paper's Figure 1: ReLU solid, tanh dashed.
+STYLES = {'relu': ('tab:blue', False), 'tanh': ('tab:red', True)}
 
 
 class SmallConvNet(nn.Module):
@@ -52,7 +56,7 @@ class SmallConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    act = _ACTIVATION_FNS[self.activation]
+    act = {'relu': nn.relu, 'tanh': jnp.tanh}[self.activation]
     x = images
     for features in self.features:
       x = act(nn.Conv(features, (5, 5))(x))
@@ -92,6 +96,7 @@ class Curve:
 
   activation: str
   learning_rate: float
+  seed: int
   epochs: list[float] = dataclasses.field(default_factory=list)
   errors: list[float] = dataclasses.field(default_factory=list)
   diverged: bool = False
@@ -146,28 +151,31 @@ class Net:
   """A net's initial parameters and compiled step, shared by its runs."""
 
   activation: str
+  seed: int
   params: Any
   step_fn: Any
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, activation: str,
-             example: np.ndarray) -> 'Net':
-    """The net of `config.features` with this activation, seeded by config.
+             seed: int, example: np.ndarray) -> 'Net':
+    """The net of `config.features` with this activation.
 
     Args:
-      config: uses features, seed, momentum and weight_decay.
+      config: uses features, momentum and weight_decay.
       activation: 'relu' or 'tanh'.
+      seed: seeds the initial weights; both activations of a seed start
+        from the same key.
       example: one input batch, for the shapes.
 
     Returns:
-      The net; every activation starts from the same seed.
+      The net.
     """
     model = SmallConvNet(features=tuple(config.features),
                          activation=activation)
-    params = model.init(jax.random.key(config.seed), example)['params']
+    params = model.init(jax.random.key(seed), example)['params']
     step_fn = jax.jit(functools.partial(_train_step, model=model,
                                         config=config))
-    return cls(activation, params, step_fn)
+    return cls(activation, seed, params, step_fn)
 
 
 class Run:
@@ -184,16 +192,17 @@ class Run:
     self._opt_state = steps.make_optimizer(config, 0.0).init(self._params)
     self._step_fn = net.step_fn
     self.step = 0
-    self.curve = Curve(net.activation, learning_rate)
+    self.curve = Curve(net.activation, learning_rate, net.seed)
     # TensorBoard only: the log gets one line per epoch (see _record).
     self._writer = metric_writers.SummaryWriter(
         os.path.join(workdir, self.curve.name))
 
   def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    # Every run sees the same data order: a permutation per epoch, seeded
-    # by (seed, epoch); the last partial batch of an epoch is dropped.
+    # Both activations of a seed see the same data order: a permutation per
+    # epoch, seeded by (seed, epoch); an epoch's last partial batch is
+    # dropped.
     epoch, index = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self._config.seed, epoch]).permutation(
+    order = np.random.default_rng([self.curve.seed, epoch]).permutation(
         len(self._labels))
     take = order[index * self._config.batch_size:
                  (index + 1) * self._config.batch_size]
@@ -228,8 +237,9 @@ class Run:
                                            'train/loss': loss})
     if self.step // self.steps_per_epoch > (
         self.step - self._steps_per_record) // self.steps_per_epoch:
-      logging.info('%s: epoch %.2f, training error %.4f, loss %.4f',
-                   self.curve.name, self.curve.epochs[-1], error, loss)
+      logging.info('seed %d, %s: epoch %.2f, training error %.4f, loss %.4f',
+                   self.curve.seed, self.curve.name, self.curve.epochs[-1],
+                   error, loss)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_train: int
@@ -253,18 +263,20 @@ def validate_config(config: ml_collections.ConfigDict, num_train: int
     raise errors.ConfigError(
         f'config.sweep_epochs={config.sweep_epochs} must be in '
         f'(0, config.num_epochs={config.num_epochs}].')
-  if not config.learning_rates:
-    raise errors.ConfigError('config.learning_rates is empty; give at least '
-                             'one learning rate to try.')
+  for field in ('learning_rates', 'seeds', 'target_errors'):
+    if not config[field]:
+      raise errors.ConfigError(f'config.{field} is empty; give at least one '
+                               'value.')
 
 
-def train_both(config: ml_collections.ConfigDict,
-               data: tuple[np.ndarray, np.ndarray],
-               workdir: str) -> tuple[dict[str, Curve], list[Curve]]:
+def train_seed(config: ml_collections.ConfigDict, seed: int,
+               data: tuple[np.ndarray, np.ndarray], workdir: str
+               ) -> tuple[dict[str, Curve], list[Curve]]:
   """Sweeps the learning rates of each activation; trains the fastest on.
 
   Args:
     config: the Figure 1 config.
+    seed: seeds the initial weights and the data order.
     data: (images, labels) from `load_data`.
     workdir: TensorBoard runs go in `<workdir>/<activation>_lr<rate>`.
 
@@ -276,13 +288,13 @@ def train_both(config: ml_collections.ConfigDict,
   """
   chosen, swept = {}, []
   for activation in ACTIVATIONS:
-    net = Net.create(config, activation, data[0][:config.batch_size])
+    net = Net.create(config, activation, seed, data[0][:config.batch_size])
     runs = [Run(config, net, lr, data, workdir)
             for lr in config.learning_rates]
     for run in runs:
       run.train_to(config.sweep_epochs)
-      logging.info('%s: mean training error %.4f over the sweep.',
-                   run.curve.name, run.curve.mean_error())
+      logging.info('seed %d, %s: mean training error %.4f over the sweep.',
+                   seed, run.curve.name, run.curve.mean_error())
     # Copies: the chosen run's curve grows on.
     swept += [dataclasses.replace(run.curve, epochs=list(run.curve.epochs),
                                   errors=list(run.curve.errors))
@@ -292,39 +304,75 @@ def train_both(config: ml_collections.ConfigDict,
     if best.curve.diverged:
       raise errors.DivergedError(
           f'Every learning rate in config.learning_rates='
-          f'{tuple(config.learning_rates)} diverged with {activation}; '
-          'try smaller ones.')
+          f'{tuple(config.learning_rates)} diverged with {activation} '
+          f'(seed {seed}); try smaller ones.')
     best.train_to(config.num_epochs)
     chosen[activation] = best.curve
   return chosen, swept
 
 
+def train_or_load_seed(config: ml_collections.ConfigDict, seed: int,
+                       data: tuple[np.ndarray, np.ndarray], workdir: str
+                       ) -> tuple[dict[str, Curve], list[Curve]]:
+  """`train_seed`, or what a finished earlier run saved for this seed."""
+  seed_dir = os.path.join(workdir, f'seed{seed}')
+  saved = os.path.join(seed_dir, 'curves.json')
+  if os.path.exists(saved):
+    with open(saved) as f:
+      curves = json.load(f)
+    return ({a: Curve(**c) for a, c in curves['chosen'].items()},
+            [Curve(**c) for c in curves['sweep']])
+  chosen, swept = train_seed(config, seed, data, seed_dir)
+  with open(saved, 'w') as f:
+    json.dump({'chosen': {a: dataclasses.asdict(c) for a, c in chosen.items()},
+               'sweep': [dataclasses.asdict(c) for c in swept]}, f)
+  return chosen, swept
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int | None]:
+  """Mean, sample standard deviation (0 for one value) and count."""
+  if not values:
+    return {'mean': None, 'std': None, 'n': 0}
+  values = np.asarray(values, np.float64)
+  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return {'mean': float(values.mean()), 'std': std, 'n': len(values)}
+
+
 def summarize(config: ml_collections.ConfigDict,
-              chosen: dict[str, Curve]) -> dict[str, Any]:
-  """Crossing epochs of each target error and their ratio tanh / ReLU.
+              chosen: Sequence[dict[str, Curve]]) -> dict[str, Any]:
+  """Crossing epochs of each target error, and their ratio tanh / ReLU.
 
   Args:
     config: uses target_errors.
-    chosen: {activation: curve} from `train_both`.
+    chosen: per seed, {activation: curve} from `train_seed`.
 
   Returns:
-    {'learning_rates': {activation: lr}, 'targets': [{'error': target,
-    'epochs': {activation: epoch or None}, 'ratio': tanh / relu or None}]}.
+    {'seeds', 'learning_rates': {activation: [lr per seed]}, 'targets':
+    [{'error', 'epochs': {activation: [epoch or None per seed]}, 'ratios':
+    [tanh / relu or None per seed], 'ratio': spread of the ratios that
+    exist}]}.
   """
   targets = []
   for target in config.target_errors:
-    epochs = {a: epochs_to_reach(curve, target)
-              for a, curve in chosen.items()}
-    ratio = (epochs['tanh'] / epochs['relu']
-             if None not in epochs.values() else None)
-    targets.append({'error': target, 'epochs': epochs, 'ratio': ratio})
-  return {'learning_rates': {a: c.learning_rate for a, c in chosen.items()},
+    epochs = {a: [epochs_to_reach(seed[a], target) for seed in chosen]
+              for a in ACTIVATIONS}
+    ratios = [tanh / relu if None not in (relu, tanh) else None
+              for relu, tanh in zip(epochs['relu'], epochs['tanh'])]
+    targets.append({'error': target, 'epochs': epochs, 'ratios': ratios,
+                    'ratio': spread([r for r in ratios if r is not None])})
+  return {'seeds': [seed['relu'].seed for seed in chosen],
+          'learning_rates': {a: [seed[a].learning_rate for seed in chosen]
+                             for a in ACTIVATIONS},
           'targets': targets}
+
+
+def _numbers(values: Sequence[float | None], missing: str) -> str:
+  return ', '.join(missing if v is None else f'{v:.2f}' for v in values)
 
 
 def report(config: ml_collections.ConfigDict, num_train: int,
            summary: dict[str, Any]) -> str:
-  """The printed result: data, learning rates, epochs to each target.
+  """The printed result: the setting, learning rates and a Markdown table.
 
   Args:
     config: the Figure 1 config.
@@ -334,42 +382,51 @@ def report(config: ml_collections.ConfigDict, num_train: int,
   Returns:
     Lines of text.
   """
+  seeds = summary['seeds']
   lines = [f'Fashion-MNIST training set, {num_train} images, batch '
-           f'{config.batch_size}, {config.num_epochs} epochs, no '
-           'regularisation; training error = running minibatch error.']
-  for activation, lr in summary['learning_rates'].items():
-    lines.append(f'{activation}: learning rate {lr:g} (fastest of '
-                 f'{tuple(config.learning_rates)} over '
-                 f'{config.sweep_epochs} epoch(s))')
+           f'{config.batch_size}, {config.num_epochs} epochs, seeds '
+           f'{", ".join(map(str, seeds))}, no regularisation; training '
+           'error = running minibatch error.']
+  for activation, rates in summary['learning_rates'].items():
+    lines.append(f'{activation}: learning rates {", ".join(map(str, rates))}'
+                 f' (fastest of {tuple(config.learning_rates)} over '
+                 f'{config.sweep_epochs} epoch(s), per seed)')
+  lines += ['', '| training error | ReLU epochs (per seed) | tanh epochs (per '
+            'seed) | tanh / ReLU (per seed) | tanh / ReLU, mean ± std |',
+            '|---|---|---|---|---|']
+  never = f'>{config.num_epochs:g}'
   for target in summary['targets']:
-    reached = {a: f'{e:.2f}' if e is not None else
-               f'not within {config.num_epochs}'
-               for a, e in target['epochs'].items()}
-    ratio = (f'{target["ratio"]:.2f}' if target['ratio'] is not None
-             else 'n/a')
-    lines.append(f'epochs to {target["error"]:.0%} training error: relu '
-                 f'{reached["relu"]}, tanh {reached["tanh"]}; ratio '
-                 f'tanh/relu {ratio}')
+    ratio = target['ratio']
+    overall = ('n/a' if ratio['n'] == 0 else
+               f'**{ratio["mean"]:.2f} ± {ratio["std"]:.2f}** '
+               f'({ratio["n"]} of {len(seeds)} seeds)')
+    lines.append(
+        f'| {target["error"]:.0%} | {_numbers(target["epochs"]["relu"], never)}'
+        f' | {_numbers(target["epochs"]["tanh"], never)} | '
+        f'{_numbers(target["ratios"], "n/a")} | {overall} |')
   return '\n'.join(lines)
 
 
-def _draw(config: ml_collections.ConfigDict, chosen: dict[str, Curve],
-          workdir: str) -> np.ndarray:
-  """Writes figure1.png: ReLU solid, tanh dashed, as in the paper."""
-  styles = {'relu': ((0, 0, 200), False), 'tanh': ((200, 0, 0), True)}
-  lines = [plot.Line(f'{a} (lr {c.learning_rate:g})', c.epochs, c.errors,
-                     colour=styles[a][0], dashed=styles[a][1])
-           for a, c in chosen.items()]
-  picture = plot.line_chart(lines, x_label='Epochs',
-                            y_label='Training error rate',
-                            hlines=config.target_errors)
-  pictures.save_png(picture, os.path.join(workdir, 'figure1.png'))
-  return picture
+def draw(config: ml_collections.ConfigDict,
+         chosen: Sequence[dict[str, Curve]]) -> plots.figure_lib.Figure:
+  """Training error per epoch: one line per seed, one colour per activation."""
+  lines = []
+  for activation in ACTIVATIONS:
+    colour, dashed = STYLES[activation]
+    for i, seed in enumerate(chosen):
+      curve = seed[activation]
+      label = (f'{activation} ({len(chosen)} seeds)' if i == 0 else None)
+      lines.append(plots.Line(curve.epochs, curve.errors, colour, label,
+                              dashed))
+  return plots.line_chart(lines, x_label='Epochs',
+                          y_label='Training error rate',
+                          hlines=config.target_errors,
+                          title='Figure 1 on Fashion-MNIST: ReLU vs tanh')
 
 
 def run_figure1(config: ml_collections.ConfigDict,
                 workdir: str) -> dict[str, Any]:
-  """Trains both nets and writes the figure, its data and TensorBoard.
+  """Trains every seed's nets; writes the figure, its data and TensorBoard.
 
   Args:
     config: the Figure 1 config (configs/figure1.py).
@@ -380,16 +437,27 @@ def run_figure1(config: ml_collections.ConfigDict,
   """
   data = load_data(config)
   validate_config(config, len(data[1]))
-  os.makedirs(workdir, exist_ok=True)
-  chosen, swept = train_both(config, data, workdir)
+  chosen, swept = [], []
+  for seed in config.seeds:
+    os.makedirs(os.path.join(workdir, f'seed{seed}'), exist_ok=True)
+    seed_chosen, seed_swept = train_or_load_seed(config, seed, data, workdir)
+    chosen.append(seed_chosen)
+    swept += seed_swept
+    print(f'seed {seed}: ' + '; '.join(
+        f'{a} lr {c.learning_rate:g}, ' + ', '.join(
+            f'{t:.0%} at {_numbers([epochs_to_reach(c, t)], "-")}'
+            for t in config.target_errors)
+        for a, c in seed_chosen.items()), flush=True)
   result = summarize(config, chosen)
-  result['curves'] = {a: dataclasses.asdict(c) for a, c in chosen.items()}
+  result['curves'] = [{a: dataclasses.asdict(c) for a, c in seed.items()}
+                      for seed in chosen]
   result['sweep'] = [dataclasses.asdict(c) for c in swept]
   with open(os.path.join(workdir, 'figure1.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  picture = _draw(config, chosen, workdir)
+  figure = draw(config, chosen)
+  plots.save_png(figure, os.path.join(workdir, 'figure1.png'))
   writer = metric_writers.SummaryWriter(workdir)
-  writer.write_images(0, {'figure1': picture[None]})
+  writer.write_images(0, {'figure1': plots.to_rgb(figure)[None]})
   writer.flush()
   print(report(config, len(data[1]), result))
   return result
