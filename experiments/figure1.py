@@ -40,9 +40,11 @@ import optax
 from alexnet import errors
 from alexnet import steps
 from alexnet.data import fashion_mnist
+from experiments import crossings
 from experiments import plots
 
-ACTIVATIONS = ('relu', 'tanh')
+ACTIVATIONS = crossings.ACTIVATIONS
+NAMES = {'relu': 'ReLU', 'tanh': 'tanh'}
 # The paper's Figure 1: ReLU solid, tanh dashed.
 STYLES = {'relu': ('tab:blue', False), 'tanh': ('tab:red', True)}
 
@@ -88,47 +90,6 @@ def load_data(config: ml_collections.ConfigDict
   images = images[..., None].astype(np.float32)
   images = (images - images.mean()) / images.std()
   return images, labels.astype(np.int32)
-
-
-@dataclasses.dataclass
-class Curve:
-  """Training error of one run, recorded at fractional epochs."""
-
-  activation: str
-  learning_rate: float
-  seed: int
-  epochs: list[float] = dataclasses.field(default_factory=list)
-  errors: list[float] = dataclasses.field(default_factory=list)
-  diverged: bool = False
-
-  @property
-  def name(self) -> str:
-    return f'{self.activation}_lr{self.learning_rate:g}'
-
-  def mean_error(self) -> float:
-    """Mean recorded error; infinite once diverged (never the fastest)."""
-    return math.inf if self.diverged else float(np.mean(self.errors))
-
-
-def epochs_to_reach(curve: Curve, target: float) -> float | None:
-  """The first recorded epoch at which training error is <= target.
-
-  Args:
-    curve: a recorded curve.
-    target: training error rate, e.g. 0.25.
-
-  Returns:
-    The epoch, or None if the curve never gets there.
-  """
-  for epoch, error in zip(curve.epochs, curve.errors):
-    if error <= target:
-      return epoch
-  return None
-
-
-def fastest(curves: Sequence[Curve]) -> Curve:
-  """The curve with the lowest mean training error (the fastest learner)."""
-  return min(curves, key=lambda c: (c.mean_error(), c.learning_rate))
 
 
 def _train_step(params, opt_state, images, labels, learning_rate, *, model,
@@ -192,7 +153,7 @@ class Run:
     self._opt_state = steps.make_optimizer(config, 0.0).init(self._params)
     self._step_fn = net.step_fn
     self.step = 0
-    self.curve = Curve(net.activation, learning_rate, net.seed)
+    self.curve = crossings.Curve(net.activation, learning_rate, net.seed)
     # TensorBoard only: the log gets one line per epoch (see _record).
     self._writer = metric_writers.SummaryWriter(
         os.path.join(workdir, self.curve.name))
@@ -271,7 +232,7 @@ def validate_config(config: ml_collections.ConfigDict, num_train: int
 
 def train_seed(config: ml_collections.ConfigDict, seed: int,
                data: tuple[np.ndarray, np.ndarray], workdir: str
-               ) -> tuple[dict[str, Curve], list[Curve]]:
+               ) -> tuple[dict[str, crossings.Curve], list[crossings.Curve]]:
   """Sweeps the learning rates of each activation; trains the fastest on.
 
   Args:
@@ -299,7 +260,7 @@ def train_seed(config: ml_collections.ConfigDict, seed: int,
     swept += [dataclasses.replace(run.curve, epochs=list(run.curve.epochs),
                                   errors=list(run.curve.errors))
               for run in runs]
-    best_curve = fastest([run.curve for run in runs])
+    best_curve = crossings.fastest([run.curve for run in runs])
     best = next(run for run in runs if run.curve is best_curve)
     if best.curve.diverged:
       raise errors.DivergedError(
@@ -311,17 +272,18 @@ def train_seed(config: ml_collections.ConfigDict, seed: int,
   return chosen, swept
 
 
-def train_or_load_seed(config: ml_collections.ConfigDict, seed: int,
-                       data: tuple[np.ndarray, np.ndarray], workdir: str
-                       ) -> tuple[dict[str, Curve], list[Curve]]:
+def train_or_load_seed(
+    config: ml_collections.ConfigDict, seed: int,
+    data: tuple[np.ndarray, np.ndarray], workdir: str
+) -> tuple[dict[str, crossings.Curve], list[crossings.Curve]]:
   """`train_seed`, or what a finished earlier run saved for this seed."""
   seed_dir = os.path.join(workdir, f'seed{seed}')
   saved = os.path.join(seed_dir, 'curves.json')
   if os.path.exists(saved):
     with open(saved) as f:
       curves = json.load(f)
-    return ({a: Curve(**c) for a, c in curves['chosen'].items()},
-            [Curve(**c) for c in curves['sweep']])
+    return ({a: crossings.Curve(**c) for a, c in curves['chosen'].items()},
+            [crossings.Curve(**c) for c in curves['sweep']])
   chosen, swept = train_seed(config, seed, data, seed_dir)
   with open(saved, 'w') as f:
     json.dump({'chosen': {a: dataclasses.asdict(c) for a, c in chosen.items()},
@@ -329,93 +291,17 @@ def train_or_load_seed(config: ml_collections.ConfigDict, seed: int,
   return chosen, swept
 
 
-def spread(values: Sequence[float]) -> dict[str, float | int | None]:
-  """Mean, sample standard deviation (0 for one value) and count."""
-  if not values:
-    return {'mean': None, 'std': None, 'n': 0}
-  values = np.asarray(values, np.float64)
-  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-  return {'mean': float(values.mean()), 'std': std, 'n': len(values)}
-
-
-def summarize(config: ml_collections.ConfigDict,
-              chosen: Sequence[dict[str, Curve]]) -> dict[str, Any]:
-  """Crossing epochs of each target error, and their ratio tanh / ReLU.
-
-  Args:
-    config: uses target_errors.
-    chosen: per seed, {activation: curve} from `train_seed`.
-
-  Returns:
-    {'seeds', 'learning_rates': {activation: [lr per seed]}, 'targets':
-    [{'error', 'epochs': {activation: [epoch or None per seed]}, 'ratios':
-    [tanh / relu or None per seed], 'ratio': spread of the ratios that
-    exist}]}.
-  """
-  targets = []
-  for target in config.target_errors:
-    epochs = {a: [epochs_to_reach(seed[a], target) for seed in chosen]
-              for a in ACTIVATIONS}
-    ratios = [tanh / relu if None not in (relu, tanh) else None
-              for relu, tanh in zip(epochs['relu'], epochs['tanh'])]
-    targets.append({'error': target, 'epochs': epochs, 'ratios': ratios,
-                    'ratio': spread([r for r in ratios if r is not None])})
-  return {'seeds': [seed['relu'].seed for seed in chosen],
-          'learning_rates': {a: [seed[a].learning_rate for seed in chosen]
-                             for a in ACTIVATIONS},
-          'targets': targets}
-
-
-def _numbers(values: Sequence[float | None], missing: str) -> str:
-  return ', '.join(missing if v is None else f'{v:.2f}' for v in values)
-
-
-def report(config: ml_collections.ConfigDict, num_train: int,
-           summary: dict[str, Any]) -> str:
-  """The printed result: the setting, learning rates and a Markdown table.
-
-  Args:
-    config: the Figure 1 config.
-    num_train: number of training images used.
-    summary: from `summarize`.
-
-  Returns:
-    Lines of text.
-  """
-  seeds = summary['seeds']
-  lines = [f'Fashion-MNIST training set, {num_train} images, batch '
-           f'{config.batch_size}, {config.num_epochs} epochs, seeds '
-           f'{", ".join(map(str, seeds))}, no regularisation; training '
-           'error = running minibatch error.']
-  for activation, rates in summary['learning_rates'].items():
-    lines.append(f'{activation}: learning rates {", ".join(map(str, rates))}'
-                 f' (fastest of {tuple(config.learning_rates)} over '
-                 f'{config.sweep_epochs} epoch(s), per seed)')
-  lines += ['', '| training error | ReLU epochs (per seed) | tanh epochs (per '
-            'seed) | tanh / ReLU (per seed) | tanh / ReLU, mean ± std |',
-            '|---|---|---|---|---|']
-  never = f'>{config.num_epochs:g}'
-  for target in summary['targets']:
-    ratio = target['ratio']
-    overall = ('n/a' if ratio['n'] == 0 else
-               f'**{ratio["mean"]:.2f} ± {ratio["std"]:.2f}** '
-               f'({ratio["n"]} of {len(seeds)} seeds)')
-    lines.append(
-        f'| {target["error"]:.0%} | {_numbers(target["epochs"]["relu"], never)}'
-        f' | {_numbers(target["epochs"]["tanh"], never)} | '
-        f'{_numbers(target["ratios"], "n/a")} | {overall} |')
-  return '\n'.join(lines)
-
-
 def draw(config: ml_collections.ConfigDict,
-         chosen: Sequence[dict[str, Curve]]) -> plots.figure_lib.Figure:
+         chosen: Sequence[dict[str, crossings.Curve]]
+         ) -> plots.figure_lib.Figure:
   """Training error per epoch: one line per seed, one colour per activation."""
   lines = []
   for activation in ACTIVATIONS:
     colour, dashed = STYLES[activation]
     for i, seed in enumerate(chosen):
       curve = seed[activation]
-      label = (f'{activation} ({len(chosen)} seeds)' if i == 0 else None)
+      seeds = f'{len(chosen)} seed' + ('s' if len(chosen) > 1 else '')
+      label = f'{NAMES[activation]} ({seeds})' if i == 0 else None
       lines.append(plots.Line(curve.epochs, curve.errors, colour, label,
                               dashed))
   return plots.line_chart(lines, x_label='Epochs',
@@ -443,12 +329,8 @@ def run_figure1(config: ml_collections.ConfigDict,
     seed_chosen, seed_swept = train_or_load_seed(config, seed, data, workdir)
     chosen.append(seed_chosen)
     swept += seed_swept
-    print(f'seed {seed}: ' + '; '.join(
-        f'{a} lr {c.learning_rate:g}, ' + ', '.join(
-            f'{t:.0%} at {_numbers([epochs_to_reach(c, t)], "-")}'
-            for t in config.target_errors)
-        for a, c in seed_chosen.items()), flush=True)
-  result = summarize(config, chosen)
+    print(crossings.seed_line(config, seed_chosen), flush=True)
+  result = crossings.summarize(config, chosen)
   result['curves'] = [{a: dataclasses.asdict(c) for a, c in seed.items()}
                       for seed in chosen]
   result['sweep'] = [dataclasses.asdict(c) for c in swept]
@@ -459,7 +341,7 @@ def run_figure1(config: ml_collections.ConfigDict,
   writer = metric_writers.SummaryWriter(workdir)
   writer.write_images(0, {'figure1': plots.to_rgb(figure)[None]})
   writer.flush()
-  print(report(config, len(data[1]), result))
+  print(crossings.report(config, len(data[1]), result))
   return result
 
 

@@ -1,4 +1,5 @@
-"""Tests of the Figure 1 experiment (experiments/figure1.py).
+"""Tests of the Figure 1 experiment (experiments/figure1.py and its table,
+experiments/crossings.py).
 
 One tiny run, two seeds, on generated learnable data; the other tests use
 hand-made curves.
@@ -16,6 +17,7 @@ import tensorflow as tf
 from alexnet import errors
 from alexnet.data import fashion_mnist
 from configs import figure1 as figure1_config
+from experiments import crossings
 from experiments import figure1
 
 _NUM_IMAGES = 320
@@ -150,26 +152,26 @@ def test_a_second_run_reads_finished_seeds_instead_of_training(tiny_run):
 
 
 def test_epochs_to_reach_counts_equality_and_may_never_reach():
-  curve = figure1.Curve('relu', 0.1, 0, epochs=[0.5, 1.0, 1.5, 2.0],
+  curve = crossings.Curve('relu', 0.1, 0, epochs=[0.5, 1.0, 1.5, 2.0],
                         errors=[0.5, 0.25, 0.3, 0.1])
-  assert figure1.epochs_to_reach(curve, 0.25) == 1.0
-  assert figure1.epochs_to_reach(curve, 0.2) == 2.0
-  assert figure1.epochs_to_reach(curve, 0.05) is None
+  assert crossings.epochs_to_reach(curve, 0.25) == 1.0
+  assert crossings.epochs_to_reach(curve, 0.2) == 2.0
+  assert crossings.epochs_to_reach(curve, 0.05) is None
 
 
 def _hand_made_seeds():
   epochs = [1.0, 2.0, 3.0, 4.0]
   return [  # Per seed: ReLU and tanh curves at epochs 1-4.
-      {'relu': figure1.Curve('relu', 0.03, 0, epochs, [0.4, 0.2, 0.1, 0.1]),
-       'tanh': figure1.Curve('tanh', 0.01, 0, epochs, [0.5, 0.3, 0.2, 0.2])},
-      {'relu': figure1.Curve('relu', 0.1, 1, epochs, [0.2, 0.2, 0.1, 0.1]),
-       'tanh': figure1.Curve('tanh', 0.01, 1, epochs, [0.3, 0.2, 0.2, 0.1])},
+      {'relu': crossings.Curve('relu', 0.03, 0, epochs, [0.4, 0.2, 0.1, 0.1]),
+       'tanh': crossings.Curve('tanh', 0.01, 0, epochs, [0.5, 0.3, 0.2, 0.2])},
+      {'relu': crossings.Curve('relu', 0.1, 1, epochs, [0.2, 0.2, 0.1, 0.1]),
+       'tanh': crossings.Curve('tanh', 0.01, 1, epochs, [0.3, 0.2, 0.2, 0.1])},
   ]
 
 
 def test_summary_ratios_per_seed_and_their_spread():
   config = figure1_config.get_config()
-  summary = figure1.summarize(config, _hand_made_seeds())
+  summary = crossings.summarize(config, _hand_made_seeds())
   assert summary['seeds'] == [0, 1]
   assert summary['learning_rates'] == {'relu': [0.03, 0.1],
                                        'tanh': [0.01, 0.01]}
@@ -188,8 +190,8 @@ def test_summary_ratios_per_seed_and_their_spread():
 
 def test_report_prints_one_table_row_per_target():
   config = figure1_config.get_config()
-  summary = figure1.summarize(config, _hand_made_seeds())
-  lines = figure1.report(config, 10_000, summary).splitlines()
+  summary = crossings.summarize(config, _hand_made_seeds())
+  lines = crossings.report(config, 10_000, summary).splitlines()
   assert 'relu: learning rates 0.03, 0.1' in lines[1]
   rows = [line for line in lines if line.startswith('| ')]
   assert len(rows) == 1 + len(config.target_errors)
@@ -201,12 +203,12 @@ def test_report_prints_one_table_row_per_target():
 
 
 def test_fastest_never_keeps_a_diverged_run():
-  good = figure1.Curve('tanh', 0.01, 0, epochs=[1.0], errors=[0.6])
-  diverged = figure1.Curve('tanh', 0.1, 0, epochs=[1.0], errors=[0.1],
+  good = crossings.Curve('tanh', 0.01, 0, epochs=[1.0], errors=[0.6])
+  diverged = crossings.Curve('tanh', 0.1, 0, epochs=[1.0], errors=[0.1],
                            diverged=True)
-  better = figure1.Curve('tanh', 0.03, 0, epochs=[1.0], errors=[0.4])
-  assert figure1.fastest([good, diverged, better]) is better
-  assert figure1.fastest([good, diverged]) is good
+  better = crossings.Curve('tanh', 0.03, 0, epochs=[1.0], errors=[0.4])
+  assert crossings.fastest([good, diverged, better]) is better
+  assert crossings.fastest([good, diverged]) is good
 
 
 def test_refuses_settings_that_cannot_record(tmp_path):
