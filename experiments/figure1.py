@@ -32,6 +32,7 @@ from clu import metric_writers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from matplotlib import figure as figure_lib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -293,7 +294,7 @@ def train_or_load_seed(
 
 def draw(config: ml_collections.ConfigDict,
          chosen: Sequence[dict[str, crossings.Curve]]
-         ) -> plots.figure_lib.Figure:
+         ) -> figure_lib.Figure:
   """Training error per epoch: one line per seed, one colour per activation."""
   lines = []
   for activation in ACTIVATIONS:
