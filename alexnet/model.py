@@ -303,8 +303,8 @@ class AlexNet(nn.Module):
     # Gather all towers' maps before flattening, so fc6's rows follow the
     # one-device grouped net's (h, w, channel) order.
     x = exchange(x).reshape(x.shape[0], -1)
-    x = self._dropout(act(TowerDense(**layer('fc6'))(x)), train)
-    x = self._dropout(act(TowerDense(**layer('fc7'))(exchange(x))), train)
+    x = self.dropout(act(TowerDense(**layer('fc6'))(x)), train)
+    x = self.dropout(act(TowerDense(**layer('fc7'))(exchange(x))), train)
     x = TowerDense(**layer('fc8'))(exchange(x))
     logits = exchange(x)[:, :self.num_classes]
     return logits.astype(jnp.float32)
@@ -347,8 +347,16 @@ class AlexNet(nn.Module):
     return dict(features=features, towers=self._exchange.local_towers,
                 std=std, bias=bias, dtype=self.dtype, name=name)
 
-  def _dropout(self, x: Array, train: bool) -> Array:
-    """Dropout with one key per global tower, whatever the device layout."""
+  def dropout(self, x: Array, train: bool) -> Array:
+    """Dropout with one key per global tower, whatever the device layout.
+
+    Args:
+      x: the local towers' activations, side by side on the last axis.
+      train: False (or dropout_rate 0) returns x unchanged.
+
+    Returns:
+      x with dropout_rate of its units zeroed, the rest scaled up.
+    """
     if not train or self.dropout_rate == 0.0:
       return x
     rng = self.make_rng('dropout')

@@ -2,10 +2,11 @@
 
 Runs `train.train_and_evaluate` (the real loop: tf.data pipeline, prefetch
 thread, mapped step with on-device normalisation, metrics, stop checks)
-with a trivially cheap model in place of AlexNet, so that what remains is
-the host's work, and times, side by side in one run, a pure loop calling
-the same mapped step (on-device normalisation, then `steps.train_step`)
-on one batch already on the devices.
+on the paper's net at its cheapest (one kernel per tower in every layer,
+`CHEAPEST_WIDTH`), so that what remains is mostly the host's work, and
+times, side by side in one run, a pure loop calling the same mapped step
+(`steps.map_train_step`, as the real loop maps it) on one batch already on
+the devices.
 
 Per step it prints the marginal wall time (the difference of a long and a
 short run over the difference of their steps, which cancels compilation,
@@ -31,15 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import steps
-from alexnet.data import on_device
 from configs import alexnet
 import input_pipeline
 import train
@@ -49,96 +46,56 @@ _STEPS = flags.DEFINE_integer('steps', 2000, 'Steps of the long runs.')
 # XLA's CPU collectives time out when hundreds of steps are in flight on a
 # loaded 2-core host.
 SYNC_EVERY = 50
+# One kernel per tower in every layer: the paper's net at its cheapest.
+CHEAPEST_WIDTH = 0.01
 
 
-class _MeanPixelConv(nn.Module):
-  """A 1x1 convolution of the mean pixel, one kernel per local tower."""
-
-  features: int
-  towers: int
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', nn.initializers.zeros,
-                        (self.towers, 1, 1, 3, self.features))
-    out = jnp.einsum('bc,tck->btk', images.mean(axis=(1, 2)), kernel[:, 0, 0])
-    return out.reshape(images.shape[0], -1)
-
-
-class CheapNet(nn.Module):
-  """A ~free stand-in for AlexNet with the same contract.
-
-  Tower-stacked parameters, named params['conv1']['kernel'] (the kernel
-  picture written at each evaluation reads it), and the layout's exchange.
-  """
-
-  num_classes: int
-  exchange: model_lib.Exchange | None = None
-
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    del train
-    exchange = self.exchange or model_lib.AllTowersHere(2)
-    per_tower = -(-self.num_classes // 2)
-    logits = _MeanPixelConv(per_tower, exchange.local_towers,
-                            name='conv1')(images)
-    return exchange(logits)[:, :self.num_classes]
-
-
-def _cheap_model(config, num_classes, exchange=None):
-  """Stands in for `steps.create_model`."""
-  del config
-  return CheapNet(num_classes, exchange)
-
-
-def _config(data_dir: str, steps: int):
+def _config(data_dir: str, num_steps: int):
   config = alexnet.get_config('tiny')
+  config.width = CHEAPEST_WIDTH
   # Evaluation and checkpoints only at the end, so that long and short runs
   # do the same fixed work, which their difference cancels.
-  config.update(dict(data_dir=data_dir, num_devices=4, num_train_steps=steps,
-                     batch_size=8, checkpoint_every_steps=10 ** 6,
+  config.update(dict(data_dir=data_dir, num_devices=4,
+                     num_train_steps=num_steps, batch_size=8,
+                     checkpoint_every_steps=10 ** 6,
                      eval_every_epochs=10 ** 3, log_every_steps=SYNC_EVERY,
                      eval_split='test[:8]'))
   return config
 
 
-def real_loop(data_dir: str, steps: int) -> tuple[float, float]:
-  """(wall s, main-thread CPU s) of a whole run of `steps` steps."""
+def real_loop(data_dir: str, num_steps: int) -> tuple[float, float]:
+  """(wall s, main-thread CPU s) of a whole run of `num_steps` steps."""
   with tempfile.TemporaryDirectory() as workdir:
     wall, cpu = time.perf_counter(), time.thread_time()
-    train.train_and_evaluate(_config(data_dir, steps), workdir)
+    train.train_and_evaluate(_config(data_dir, num_steps), workdir)
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
-  """(wall s, main-thread CPU s) of `steps` mapped steps on one batch.
+def pure_loop(data_dir: str, num_steps: int) -> tuple[float, float]:
+  """(wall s, main-thread CPU s) of `num_steps` mapped steps on one batch.
 
-  The same device work as the real loop's steps (uint8 batch normalised on
-  the devices, then `steps.train_step`), with nothing on the host between.
+  The same device work as the real loop's steps (`steps.map_train_step`:
+  the uint8 batch normalised on the devices, then `steps.train_step`), with
+  nothing on the host between.
   """
-  config = _config(data_dir, steps)
+  config = _config(data_dir, num_steps)
   layout = parallel.Layout.create(True, jax.devices()[:4])
-  state = steps.create_train_state(config, _cheap_model(config, 10))
+  num_classes = input_pipeline.get_dataset_info(config).num_classes
+  state = steps.create_train_state(
+      config, steps.create_model(config, num_classes))
   device_state = layout.shard_towers({'params': state.params,
                                       'opt_state': state.opt_state})
   batch = layout.shard_batch(next(input_pipeline.create_train_iterator(
       config, replicas=layout.local_replicas,
       num_replicas=layout.num_replicas)))
   mean = layout.replicate(input_pipeline.mean_image(config))
-  model = _cheap_model(config, 10, layout.exchange)
-
-  def step(device_state, batch, mean, learning_rate, step):
-    inputs = {'image': on_device.train_images(batch, mean),
-              'label': batch['label']}
-    return steps.train_step(device_state, inputs, learning_rate, step,
-                            model=model, layout=layout, config=config)
-
-  step_fn = layout.pmap(step, in_axes=(0, 0, 0, None, None),
-                        out_axes=(0, None), donate_argnums=(0,))
+  step_fn = steps.map_train_step(
+      steps.create_model(config, num_classes, layout.exchange), layout,
+      config)
   device_state, _ = step_fn(device_state, batch, mean, 0.01, 0)  # Compiles.
   jax.block_until_ready(device_state)
   wall, cpu = time.perf_counter(), time.thread_time()
-  for i in range(steps):
+  for i in range(num_steps):
     device_state, metrics = step_fn(device_state, batch, mean, 0.01, i)
     if i % SYNC_EVERY == 0:
       jax.block_until_ready(metrics)
@@ -146,16 +103,16 @@ def pure_loop(data_dir: str, steps: int) -> tuple[float, float]:
   return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def pipeline_only(data_dir: str, steps: int) -> float:
-  """Wall s for the real loop's input pipeline to yield `steps` batches."""
-  config = _config(data_dir, steps)
+def pipeline_only(data_dir: str, num_steps: int) -> float:
+  """Wall s for the real loop's input pipeline to yield `num_steps` batches."""
+  config = _config(data_dir, num_steps)
   layout = parallel.Layout.create(True, jax.devices()[:4])
   batches = input_pipeline.create_train_iterator(
       config, replicas=layout.local_replicas,
       num_replicas=layout.num_replicas)
   next(batches)
   start = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(num_steps):
     next(batches)
   return time.perf_counter() - start
 
@@ -163,7 +120,6 @@ def pipeline_only(data_dir: str, steps: int) -> float:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  steps.create_model = _cheap_model  # The real loop, a ~free model.
   long, short = _STEPS.value, _STEPS.value // 4
   with tempfile.TemporaryDirectory() as data_dir:
     real_loop(data_dir, short)  # Prepares the data, warms the caches.

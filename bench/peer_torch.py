@@ -59,7 +59,7 @@ def available() -> bool:
   return importlib.util.find_spec('torch') is not None
 
 
-def _build_model(lrn: str = 'native', seed: int = 0):
+def build_model(lrn: str = 'native', seed: int = 0):
   """Builds the grouped AlexNet in channels_last memory format.
 
   Args:
@@ -169,7 +169,7 @@ def num_params() -> int:
   Raises:
     AssertionError: if the built net does not have the reference count.
   """
-  model = _build_model()
+  model = build_model()
   count = sum(p.numel() for p in model.parameters())
   assert count == _EXPECTED_PARAMS, (
       f'grouped AlexNet has {count:,} parameters, expected '
@@ -238,7 +238,7 @@ def measure_train(batch_size: int = 128,
     threads: torch intra-op threads for the measurement; None keeps torch's
       current setting. The previous setting is restored afterwards.
     lrn: 'native' (torch LRN per tower, the default) or 'banded' (same
-      function as a 1x1 band-matrix conv); see `_build_model`.
+      function as a 1x1 band-matrix conv); see `build_model`.
 
   Returns:
     Images per second: batch_size * steps / total timed seconds.
@@ -248,7 +248,7 @@ def measure_train(batch_size: int = 128,
   import torch.nn.functional as F
 
   with _Threads(threads):
-    model = _build_model(lrn=lrn)
+    model = build_model(lrn=lrn)
     model.train()
     # torch's SGD puts lr outside the velocity (v <- 0.9 v + g + wd w;
     # w <- w - lr v), which equals the paper's update while lr is constant,
@@ -302,7 +302,7 @@ def measure_eval(batch_size: int = 128,
   import torch
 
   with _Threads(threads), torch.no_grad():
-    model = _build_model(lrn=lrn)
+    model = build_model(lrn=lrn)
     model.eval()
     images, _ = _random_batch(batch_size)
     for _ in range(warmup):

@@ -64,7 +64,7 @@ def _module_layer(name, shape, module, torch_index, input_grad=True):
 
 def _dropout(params, x, key):
   del params
-  return model.AlexNet().apply({}, x, True, method=model.AlexNet._dropout,
+  return model.AlexNet().apply({}, x, True, method=model.AlexNet.dropout,
                                rngs={'dropout': key})
 
 
@@ -135,7 +135,7 @@ def time_torch(layer: Layer, batch: int, steps: int, warmup: int
                ) -> tuple[float, float]:
   """(forward, forward+backward) seconds of the PyTorch peer's layer."""
   import torch  # pylint: disable=g-import-not-at-top
-  module = peer_torch._build_model()[layer.torch_index]  # pylint: disable=protected-access
+  module = peer_torch.build_model()[layer.torch_index]
   module.train()
   # NCHW shape in channels_last memory, like the peer's activations.
   x = 50 * torch.randn(batch, *layer.shape[-1:], *layer.shape[:-1])
@@ -184,7 +184,7 @@ def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
   if not torch_ok:
     return jax_seconds, None
   import torch  # pylint: disable=g-import-not-at-top
-  net = peer_torch._build_model()  # pylint: disable=protected-access
+  net = peer_torch.build_model()
   for p in net.parameters():
     p.grad = torch.ones_like(p)
   sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9,

@@ -1,10 +1,12 @@
 """Images/s of one AlexNet training step and one eval step, JAX vs PyTorch.
 
-A training step is `steps.train_step` itself (forward with dropout, softmax
-cross-entropy, backward and the paper's update from `steps.make_optimizer`),
-mapped by `alexnet.parallel.Layout` exactly as training maps it (one `pmap`;
-both towers on one device with --devices=1, one tower per device with
---devices=2), on the paper config's model. Eval is the forward pass alone.
+A training step is `steps.map_train_step`, the step exactly as training
+maps it: uint8 crops in, mean image and lighting shift applied on the device,
+then `steps.train_step` (forward with dropout, softmax cross-entropy,
+backward and the paper's update from `steps.make_optimizer`) under one
+`pmap` (both towers on one device with --devices=1, one tower per device
+with --devices=2), on the paper config's model. Eval is the forward pass of
+one float crop alone (the PyTorch peer's eval).
 Compile time and warm-up steps are excluded and every timed step is blocked
 on, so the figures are steady-state throughput.
 
@@ -30,7 +32,6 @@ User-level options (never set by the library) worth timing on a CPU:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -97,16 +98,45 @@ def paper_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   return config
 
 
-def _time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
-  """Seconds per step, mean over `steps` blocked steps after warm-up."""
+def _time_steps(step: Callable[[], object], num_steps: int,
+                warmup: int) -> float:
+  """Seconds per step, mean over `num_steps` blocked steps after warm-up."""
   for _ in range(warmup):
     jax.block_until_ready(step())
   total = 0.0
-  for _ in range(steps):
+  for _ in range(num_steps):
     start = time.perf_counter()
     jax.block_until_ready(step())
     total += time.perf_counter() - start
-  return total / steps
+  return total / num_steps
+
+
+def wire_batch(layout: parallel.Layout, batch_size: int,
+               config: ml_collections.ConfigDict,
+               rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A random batch in the input pipeline's uint8 form, per local replica.
+
+  Args:
+    layout: the device layout.
+    batch_size: images per step over all replicas.
+    config: uses image_size and resize_size.
+    rng: the source of the pixels, crop offsets, flips and lighting shifts.
+
+  Returns:
+    What `input_pipeline.create_train_iterator` yields: uint8 crops with
+    their offsets, flips and shifts, and labels, [R, b, ...].
+  """
+  if batch_size % layout.num_replicas:
+    raise ValueError(f'--batch_size={batch_size} must divide over '
+                     f'{layout.num_replicas} replicas')
+  lead = (layout.num_local_replicas, batch_size // layout.num_replicas)
+  size, room = config.image_size, config.resize_size - config.image_size
+  return {
+      'image': rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8),
+      'offset': rng.integers(0, room + 1, (*lead, 2), dtype=np.int32),
+      'flip': rng.random(lead) < 0.5,
+      'shift': (10 * rng.standard_normal((*lead, 3))).astype(np.float32),
+      'label': rng.integers(0, NUM_CLASSES, lead, dtype=np.int32)}
 
 
 class Bench:
@@ -114,9 +144,6 @@ class Bench:
 
   def __init__(self, layout: parallel.Layout, batch_size: int,
                config: ml_collections.ConfigDict):
-    if batch_size % layout.num_replicas:
-      raise ValueError(f'--batch_size={batch_size} must divide over '
-                       f'{layout.num_replicas} replicas')
     self.layout, self.config = layout, config
     self.net = steps.create_model(config, NUM_CLASSES, layout.exchange)
     state = steps.create_train_state(
@@ -124,22 +151,19 @@ class Bench:
     self.towers = layout.shard_towers(
         {'params': state.params, 'opt_state': state.opt_state})
     rng = np.random.default_rng(0)
-    per_replica = batch_size // layout.num_replicas
-    size = config.image_size
-    images = 50 * rng.standard_normal(
-        (layout.num_local_replicas, per_replica, size, size, 3),
-        dtype=np.float32)
-    labels = rng.integers(0, NUM_CLASSES, images.shape[:2], dtype=np.int32)
-    self.batch = layout.shard_batch({'image': images, 'label': labels})
+    batch = wire_batch(layout, batch_size, config, rng)
+    self.batch = layout.shard_batch(batch)
+    # For the forward pass: mean-subtracted-scale float images.
+    self.images = layout.shard_batch(
+        batch['image'].astype(np.float32) - 128.0)
+    self.mean_image = layout.replicate(np.full(
+        (config.resize_size, config.resize_size, 3), 128.0, np.float32))
 
   def train_step_fn(self):
-    """`steps.train_step` under the layout's pmap, as training maps it."""
-    step = functools.partial(steps.train_step, model=self.net,
-                             layout=self.layout, config=self.config)
-    return self.layout.pmap(step, in_axes=(0, 0, None, None),
-                            donate_argnums=(0,))
+    """`steps.map_train_step`: the step exactly as training maps it."""
+    return steps.map_train_step(self.net, self.layout, self.config)
 
-  def time_train(self, steps: int, warmup: int) -> float:
+  def time_train(self, num_steps: int, warmup: int) -> float:
     """Images/s of the training step (compiled on the first call)."""
     if not hasattr(self, '_train_step'):
       self._train_step = self.train_step_fn()
@@ -148,29 +172,29 @@ class Bench:
 
     def run():
       state['towers'], metrics = self._train_step(
-          state['towers'], self.batch, learning_rate,
+          state['towers'], self.batch, self.mean_image, learning_rate,
           jnp.int32(state['step']))
       state['step'] += 1
       return metrics
 
     jax.block_until_ready(run())  # Compiles on the first call.
-    seconds = _time_steps(run, steps, warmup)
+    seconds = _time_steps(run, num_steps, warmup)
     self.towers = state['towers']
     return self._images_per_step / seconds
 
-  def time_eval(self, steps: int, warmup: int) -> float:
-    """Images/s of the forward pass (dropout off)."""
+  def time_eval(self, num_steps: int, warmup: int) -> float:
+    """Images/s of the forward pass of one crop (dropout off)."""
     if not hasattr(self, '_forward'):
       net = self.net
       self._forward = self.layout.pmap(
           lambda p, x: net.apply({'params': p}, x, train=False))
-    run = lambda: self._forward(self.towers['params'], self.batch['image'])
+    run = lambda: self._forward(self.towers['params'], self.images)
     jax.block_until_ready(run())
-    return self._images_per_step / _time_steps(run, steps, warmup)
+    return self._images_per_step / _time_steps(run, num_steps, warmup)
 
   @property
   def _images_per_step(self) -> int:
-    return self.batch['image'].shape[1] * self.layout.num_replicas
+    return self.images.shape[1] * self.layout.num_replicas
 
 
 def run_step_bench(args, layout: parallel.Layout,
@@ -220,7 +244,8 @@ def main() -> None:
   torch_ok = peer_torch.available() and not args.no_torch
   if torch_ok:
     import torch  # pylint: disable=g-import-not-at-top
-    torch_info = f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
+    torch_info = (f'torch {torch.__version__} '
+                  f'({torch.get_num_threads()} threads)')
   else:
     torch_info = 'torch: not run'
   print(f'jax {jax.__version__} on {args.devices} x {devices[0].device_kind} '

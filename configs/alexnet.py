@@ -25,8 +25,8 @@ Select a variant with the config string, e.g. `--config=configs/alexnet.py:digit
   greyscale clothes, 10 classes) read offline from the original IDX files,
   which `apt-get install dataset-fashion-mnist` puts in
   /usr/share/datasets/fashion-mnist (or set --config.fashion_mnist_dir).
-  The digits' input size and initialisation; 3 epochs, centre-crop
-  evaluation, to fit ~30 minutes on a 2-core CPU.
+  The digits' input size and initialisation; 5 epochs, centre-crop
+  evaluation, ~25 minutes on a 2-core CPU (README, Results).
 
       python main.py --config=configs/alexnet.py:fashion_mnist \
           --workdir=runs/fashion_mnist

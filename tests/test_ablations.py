@@ -4,8 +4,10 @@ Training itself is `train.train_and_evaluate`, tested in test_train.py;
 here one tiny run checks that a stopped run is resumed, not recorded.
 """
 
+import copy
 import json
 import os
+import statistics
 
 from clu import metric_writers
 import numpy as np
@@ -16,37 +18,68 @@ from alexnet import errors
 from bench import ablations
 
 
-def test_statistics_mean_sample_std_and_range():
-  s = ablations.statistics([0.10, 0.12, 0.17])
-  assert s['mean'] == pytest.approx(0.13)
-  # Sample standard deviation: sqrt(((-.03)^2 + (-.01)^2 + .04^2) / 2).
-  assert s['std'] == pytest.approx(np.sqrt(0.0026 / 2))
-  assert (s['min'], s['max'], s['runs']) == (0.10, 0.17, 3)
+def test_statistics_agree_with_the_standard_library():
+  runs = [0.10, 0.12, 0.17, 0.115]
+  s = ablations.statistics(runs)
+  assert s['mean'] == pytest.approx(statistics.mean(runs))
+  assert s['std'] == pytest.approx(statistics.stdev(runs))  # Sample std.
+  assert (s['min'], s['max'], s['runs']) == (min(runs), max(runs), 4)
   assert ablations.statistics([0.2])['std'] == 0.0
 
 
-def test_table_rows_deltas_and_paper_figures():
-  table = ablations.format_table({'paper': [0.02, 0.04],
-                                  'no_lrn': [0.05, 0.05],
-                                  'pool_2x2': [0.01, 0.03]})
-  lines = table.splitlines()
-  assert len(lines) == 5 and lines[0].startswith('| setting |')
-  assert lines[2] == ('| paper | (defaults) | 3.00 ± 1.41 | 2.00-4.00 | 2 '
-                      "|  | the paper's net: 40.7 / 18.2 (ILSVRC-2012 val) |")
-  assert lines[3] == ('| no_lrn | lrn.enabled=False | 5.00 ± 0.00 | '
-                      '5.00-5.00 | 2 | +2.00 | +1.4 / +1.2 |')
-  assert '| pool_size=2, pool_stride=2 |' in lines[4]
-  assert '| -1.00 | +0.4 / +0.3 |' in lines[4]
+def _parse_row(line):
+  cells = [cell.strip() for cell in line.strip('|').split('|')]
+  mean, std = (float(v) for v in cells[2].split(' ± '))
+  low, high = (float(v) for v in cells[3].split('-'))
+  delta = float(cells[5]) if cells[5] else None
+  return cells[0], cells[1], mean, std, low, high, int(cells[4]), delta
+
+
+def test_table_rows_match_the_runs_and_the_paper_row():
+  top1 = {'paper': [0.02, 0.04, 0.03], 'no_lrn': [0.05, 0.045],
+          'pool_2x2': [0.01, 0.03]}
+  lines = ablations.format_table(top1).splitlines()
+  assert len(lines) == 2 + len(top1) and lines[0].startswith('| setting |')
+  paper_mean = 100 * np.mean(top1['paper'])
+  for line, (name, runs) in zip(lines[2:], top1.items()):
+    row = _parse_row(line)
+    percent = 100 * np.asarray(runs)
+    assert row[0] == name
+    assert row[2:7] == pytest.approx((percent.mean(), percent.std(ddof=1),
+                                      percent.min(), percent.max(),
+                                      len(runs)), abs=0.005)
+    if name == 'paper':
+      assert row[7] is None
+    else:
+      assert row[7] == pytest.approx(percent.mean() - paper_mean, abs=0.005)
+    assert line.endswith(f'| {ablations.SETTINGS[name].paper} |')
+  assert _parse_row(lines[3])[1] == 'lrn.enabled=False'
 
 
 def test_table_without_the_paper_row_has_no_deltas():
   line = ablations.format_table({'no_pca': [0.1]}).splitlines()[2]
-  assert line.split('|')[6].strip() == ''
+  assert _parse_row(line)[7] is None
 
 
-def test_every_setting_names_a_paper_figure():
-  assert list(ablations.SETTINGS)[0] == 'paper'
-  assert all(s.paper for s in ablations.SETTINGS.values())
+@pytest.mark.parametrize('base', ['digits', 'fashion_mnist'])
+def test_every_switch_exists_and_changes_the_paper_setting(base):
+  paper = ablations.base_config(base, 1.0, 24.0, 0.02, [18, 22])
+  for name, setting in ablations.SETTINGS.items():
+    config = copy.deepcopy(paper)
+    ablations.apply_overrides(config, setting.overrides)
+    assert all(_get(config, field) == value
+               for field, value in setting.overrides.items()), name
+    # The paper row changes nothing; every other row really turns its
+    # switch off (no override that merely restates the paper's value).
+    changed = [field for field in setting.overrides
+               if _get(config, field) != _get(paper, field)]
+    assert bool(changed) == (name != 'paper'), name
+
+
+def _get(config, dotted):
+  for name in dotted.split('.'):
+    config = config[name]
+  return config
 
 
 def test_overrides_set_nested_fields_and_refuse_missing_ones():

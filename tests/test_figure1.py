@@ -1,4 +1,9 @@
-"""Tests of the Figure 1 command (alexnet/figure1.py) on generated data."""
+"""Tests of the Figure 1 experiment (experiments/figure1.py and its table,
+experiments/crossings.py).
+
+One tiny run, two seeds, on generated learnable data; the other tests use
+hand-made curves.
+"""
 
 import glob
 import json
@@ -10,11 +15,13 @@ import pytest
 import tensorflow as tf
 
 from alexnet import errors
-from alexnet import figure1
 from alexnet.data import fashion_mnist
 from configs import figure1 as figure1_config
+from experiments import crossings
+from experiments import figure1
 
 _NUM_IMAGES = 320
+_BLUE, _RED = (31, 119, 180), (214, 39, 40)  # tab:blue (ReLU), tab:red.
 
 
 def _write_learnable_idx(directory):
@@ -42,6 +49,7 @@ def _tiny_config(idx_dir):
   config.sweep_epochs = 1
   config.num_epochs = 3
   config.target_errors = (0.5, 0.25)
+  config.seeds = (0, 1)
   return config
 
 
@@ -49,6 +57,16 @@ def _first_at_or_below(curve, target):
   errors_ = np.asarray(curve['errors'])
   hits = np.flatnonzero(errors_ <= target)
   return curve['epochs'][hits[0]] if hits.size else None
+
+
+def _logged_errors(run_dir):
+  logged = {}
+  for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'train/error':
+          logged[event.step] = float(tf.make_ndarray(value.tensor))
+  return [logged[step] for step in sorted(logged)]
 
 
 @pytest.fixture(scope='module')
@@ -61,102 +79,136 @@ def tiny_run(tmp_path_factory):
   return config, workdir, result
 
 
-def test_records_both_curves_at_every_fifth_of_an_epoch(tiny_run):
+def test_records_every_seeds_curves_from_real_training(tiny_run):
   _, workdir, result = tiny_run
   with open(os.path.join(workdir, 'figure1.json')) as f:
     assert json.load(f) == json.loads(json.dumps(result))
+  assert result['seeds'] == [0, 1]
   expected = [round(0.2 * i, 6) for i in range(1, 16)]
-  for activation in ('relu', 'tanh'):
-    curve = result['curves'][activation]
-    assert not curve['diverged']
-    assert [round(e, 6) for e in curve['epochs']] == expected
-    assert all(0.0 <= e <= 1.0 for e in curve['errors'])
-  # The generated classes are learnable: both nets get far below chance.
-  for activation in ('relu', 'tanh'):
-    assert min(result['curves'][activation]['errors']) < 0.45
+  for seed, curves in zip((0, 1), result['curves']):
+    for activation in ('relu', 'tanh'):
+      curve = curves[activation]
+      assert curve['seed'] == seed and not curve['diverged']
+      assert [round(e, 6) for e in curve['epochs']] == expected
+      # The generated classes are learnable: far below chance.
+      assert min(curve['errors']) < 0.45
+      # The recorded curve is what training logged, step by step.
+      run_dir = os.path.join(workdir, f'seed{seed}',
+                             f'{activation}_lr{curve["learning_rate"]:g}')
+      assert _logged_errors(run_dir) == pytest.approx(curve['errors'])
+  # Seeds change the initial weights and data order, so the curves.
+  assert result['curves'][0]['relu']['errors'] != (
+      result['curves'][1]['relu']['errors'])
 
 
-def test_keeps_the_fastest_learning_rate_and_trains_it_on(tiny_run):
+def test_keeps_each_seeds_fastest_learning_rate_and_trains_it_on(tiny_run):
   _, _, result = tiny_run
-  assert len(result['sweep']) == 4
-  for activation in ('relu', 'tanh'):
-    sweep = [c for c in result['sweep'] if c['activation'] == activation]
-    assert [len(c['errors']) for c in sweep] == [5, 5]
-    best = min(sweep, key=lambda c: np.mean(c['errors']))
-    assert result['learning_rates'][activation] == best['learning_rate']
-    full = result['curves'][activation]
-    # The kept run continues from where its sweep stopped.
-    assert full['errors'][:5] == best['errors']
+  assert len(result['sweep']) == 8  # 2 seeds x 2 activations x 2 rates.
+  for i, seed in enumerate(result['seeds']):
+    for activation in ('relu', 'tanh'):
+      sweep = [c for c in result['sweep']
+               if c['activation'] == activation and c['seed'] == seed]
+      assert [len(c['errors']) for c in sweep] == [5, 5]
+      best = min(sweep, key=lambda c: np.mean(c['errors']))
+      assert result['learning_rates'][activation][i] == best['learning_rate']
+      # The kept run continues from where its sweep stopped.
+      assert result['curves'][i][activation]['errors'][:5] == best['errors']
 
 
-def test_crossing_epochs_and_ratio_match_the_recorded_curves(tiny_run):
+def test_crossing_epochs_and_ratio_spread_match_the_curves(tiny_run):
   _, _, result = tiny_run
   assert [t['error'] for t in result['targets']] == [0.5, 0.25]
   for target in result['targets']:
-    for activation in ('relu', 'tanh'):
-      assert target['epochs'][activation] == _first_at_or_below(
-          result['curves'][activation], target['error'])
-    relu, tanh = target['epochs']['relu'], target['epochs']['tanh']
-    if relu is None or tanh is None:
-      assert target['ratio'] is None
-    else:
-      assert target['ratio'] == pytest.approx(tanh / relu)
-  assert result['targets'][0]['epochs']['relu'] is not None
+    reached = {a: [_first_at_or_below(c[a], target['error'])
+                   for c in result['curves']] for a in ('relu', 'tanh')}
+    assert target['epochs'] == reached
+    ratios = [t / r for r, t in zip(reached['relu'], reached['tanh'])
+              if r is not None and t is not None]
+    assert target['ratio']['n'] == len(ratios)
+    if ratios:
+      assert target['ratio']['mean'] == pytest.approx(np.mean(ratios))
+      assert target['ratio']['std'] == pytest.approx(
+          np.std(ratios, ddof=1) if len(ratios) > 1 else 0.0)
+  assert None not in result['targets'][0]['epochs']['relu']
 
 
-def test_writes_the_png_and_tensorboard_scalars(tiny_run):
-  _, workdir, result = tiny_run
-  picture = np.asarray(Image.open(os.path.join(workdir, 'figure1.png')))
+def test_writes_a_png_with_both_activations_and_tensorboard(tiny_run):
+  _, workdir, _ = tiny_run
+  picture = np.asarray(
+      Image.open(os.path.join(workdir, 'figure1.png')).convert('RGB'))
   assert picture.shape == (420, 640, 3)
-  colours = {tuple(p) for p in picture.reshape(-1, 3)}
-  assert (0, 0, 200) in colours and (200, 0, 0) in colours  # ReLU, tanh.
-  relu = result['curves']['relu']
-  run_dir = os.path.join(workdir, f'relu_lr{relu["learning_rate"]:g}')
-  logged = {}
-  for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == 'train/error':
-          logged[event.step] = float(tf.make_ndarray(value.tensor))
-  assert [logged[s] for s in sorted(logged)] == pytest.approx(
-      relu['errors'])
+  for colour in (_BLUE, _RED):
+    assert np.any(np.abs(picture.astype(int) - colour).sum(-1) <= 30)
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
 
 
+def test_a_second_run_reads_finished_seeds_instead_of_training(tiny_run):
+  config, workdir, result = tiny_run
+  events = sorted(glob.glob(os.path.join(workdir, 'seed*', '*', 'events*')))
+  again = figure1.run_figure1(config, workdir)
+  assert json.loads(json.dumps(again)) == json.loads(json.dumps(result))
+  assert sorted(glob.glob(
+      os.path.join(workdir, 'seed*', '*', 'events*'))) == events
+
+
 def test_epochs_to_reach_counts_equality_and_may_never_reach():
-  curve = figure1.Curve('relu', 0.1, epochs=[0.5, 1.0, 1.5, 2.0],
+  curve = crossings.Curve('relu', 0.1, 0, epochs=[0.5, 1.0, 1.5, 2.0],
                         errors=[0.5, 0.25, 0.3, 0.1])
-  assert figure1.epochs_to_reach(curve, 0.25) == 1.0
-  assert figure1.epochs_to_reach(curve, 0.2) == 2.0
-  assert figure1.epochs_to_reach(curve, 0.05) is None
+  assert crossings.epochs_to_reach(curve, 0.25) == 1.0
+  assert crossings.epochs_to_reach(curve, 0.2) == 2.0
+  assert crossings.epochs_to_reach(curve, 0.05) is None
 
 
-def test_summary_ratio_is_tanh_over_relu():
+def _hand_made_seeds():
+  epochs = [1.0, 2.0, 3.0, 4.0]
+  return [  # Per seed: ReLU and tanh curves at epochs 1-4.
+      {'relu': crossings.Curve('relu', 0.03, 0, epochs, [0.4, 0.2, 0.1, 0.1]),
+       'tanh': crossings.Curve('tanh', 0.01, 0, epochs, [0.5, 0.3, 0.2, 0.2])},
+      {'relu': crossings.Curve('relu', 0.1, 1, epochs, [0.2, 0.2, 0.1, 0.1]),
+       'tanh': crossings.Curve('tanh', 0.01, 1, epochs, [0.3, 0.2, 0.2, 0.1])},
+  ]
+
+
+def test_summary_ratios_per_seed_and_their_spread():
   config = figure1_config.get_config()
-  chosen = {
-      'relu': figure1.Curve('relu', 0.03, epochs=[1.0, 2.0, 3.0],
-                            errors=[0.4, 0.2, 0.1]),
-      'tanh': figure1.Curve('tanh', 0.01, epochs=[1.0, 2.0, 3.0],
-                            errors=[0.5, 0.3, 0.2])}
-  summary = figure1.summarize(config, chosen)
-  assert summary['learning_rates'] == {'relu': 0.03, 'tanh': 0.01}
-  assert summary['targets'][0] == {
-      'error': 0.25, 'epochs': {'relu': 2.0, 'tanh': 3.0}, 'ratio': 1.5}
-  assert summary['targets'][1] == {
-      'error': 0.1, 'epochs': {'relu': 3.0, 'tanh': None}, 'ratio': None}
-  text = figure1.report(config, 10_000, summary)
-  assert 'epochs to 25% training error: relu 2.00, tanh 3.00' in text
-  assert 'ratio tanh/relu 1.50' in text
-  assert 'tanh not within 6; ratio tanh/relu n/a' in text
+  summary = crossings.summarize(config, _hand_made_seeds())
+  assert summary['seeds'] == [0, 1]
+  assert summary['learning_rates'] == {'relu': [0.03, 0.1],
+                                       'tanh': [0.01, 0.01]}
+  at_25, at_15, at_10 = summary['targets']
+  # 25%: ReLU at 2 and 1, tanh at 3 and 2: ratios 1.5 and 2.
+  assert at_25['epochs'] == {'relu': [2.0, 1.0], 'tanh': [3.0, 2.0]}
+  assert at_25['ratios'] == [1.5, 2.0]
+  assert at_25['ratio']['mean'] == pytest.approx(1.75)
+  assert at_25['ratio']['std'] == pytest.approx(np.sqrt(0.125))  # ddof=1.
+  # 10%: seed 0's tanh never gets there: one ratio, 4 / 3.
+  assert at_10['epochs'] == {'relu': [3.0, 3.0], 'tanh': [None, 4.0]}
+  assert at_10['ratios'] == [None, pytest.approx(4 / 3)]
+  assert at_10['ratio'] == {'mean': pytest.approx(4 / 3), 'std': 0.0, 'n': 1}
+  assert at_15['epochs']['tanh'] == [None, 4.0]
+
+
+def test_report_prints_one_table_row_per_target():
+  config = figure1_config.get_config()
+  summary = crossings.summarize(config, _hand_made_seeds())
+  lines = crossings.report(config, 10_000, summary).splitlines()
+  assert 'relu: learning rates 0.03, 0.1' in lines[1]
+  rows = [line for line in lines if line.startswith('| ')]
+  assert len(rows) == 1 + len(config.target_errors)
+  assert rows[1] == ('| 25% | 2.00, 1.00 | 3.00, 2.00 | 1.50, 2.00 | '
+                     '**1.75 ± 0.35** (2 of 2 seeds) |')
+  never = f'>{config.num_epochs:g}'
+  assert rows[3] == (f'| 10% | 3.00, 3.00 | {never}, 4.00 | n/a, 1.33 | '
+                     '**1.33 ± 0.00** (1 of 2 seeds) |')
 
 
 def test_fastest_never_keeps_a_diverged_run():
-  good = figure1.Curve('tanh', 0.01, epochs=[1.0], errors=[0.6])
-  diverged = figure1.Curve('tanh', 0.1, epochs=[1.0], errors=[0.1],
+  good = crossings.Curve('tanh', 0.01, 0, epochs=[1.0], errors=[0.6])
+  diverged = crossings.Curve('tanh', 0.1, 0, epochs=[1.0], errors=[0.1],
                            diverged=True)
-  better = figure1.Curve('tanh', 0.03, epochs=[1.0], errors=[0.4])
-  assert figure1.fastest([good, diverged, better]) is better
-  assert figure1.fastest([good, diverged]) is good
+  better = crossings.Curve('tanh', 0.03, 0, epochs=[1.0], errors=[0.4])
+  assert crossings.fastest([good, diverged, better]) is better
+  assert crossings.fastest([good, diverged]) is good
 
 
 def test_refuses_settings_that_cannot_record(tmp_path):
@@ -169,10 +221,13 @@ def test_refuses_settings_that_cannot_record(tmp_path):
   config.records_per_epoch = 11
   with pytest.raises(errors.ConfigError, match='records_per_epoch=11'):
     figure1.run_figure1(config, str(tmp_path / 'w'))
+  config.records_per_epoch = 5
+  config.seeds = ()
+  with pytest.raises(errors.ConfigError, match='config.seeds is empty'):
+    figure1.run_figure1(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
 
 
 def test_the_shipped_config_is_valid():
   config = figure1_config.get_config()
   figure1.validate_config(config, config.num_train)
-  assert config.target_errors[0] == 0.25 and config.weight_decay == 0.0

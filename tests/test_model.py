@@ -146,7 +146,7 @@ def test_dropout_rate_and_train_eval_switch():
   np.testing.assert_array_equal(train(0), train(0))
 
   ones = jnp.ones((64, 2 * 512))
-  dropped = net.apply({}, ones, True, method=model.AlexNet._dropout,
+  dropped = net.apply({}, ones, True, method=model.AlexNet.dropout,
                       rngs={'dropout': jax.random.key(2)})
   kept = np.asarray(dropped) != 0
   assert abs(kept.mean() - 0.5) < 0.01

@@ -1,16 +1,20 @@
 """Figure 1 of the paper: epochs to 25% training error, ReLU against tanh.
 
-    python -m alexnet.figure1 --config=configs/figure1.py \
+    python -m experiments.figure1 --config=configs/figure1.py \
         --workdir=runs/figure1
 
-For each activation every candidate learning rate trains for a short sweep;
-the fastest learner (lowest mean training error over the sweep) trains on,
-from where it stopped, to the full length. Writes into the workdir:
-`figure1.png` (training error per epoch, ReLU solid, tanh dashed, as in the
-paper), `figure1.json` (every curve, the chosen learning rates, the crossing
-epochs and their ratios) and TensorBoard scalars, one run per
-(activation, learning rate). Prints the epochs each activation needs to
-reach every target error and the ratio tanh / ReLU.
+For every seed and activation, each candidate learning rate trains for a
+short sweep; the fastest learner (lowest mean training error over the sweep)
+trains on, from where it stopped, to the full length. Writes into the
+workdir: `figure1.png` (training error per epoch, one line per seed, ReLU
+solid blue, tanh dashed red), `figure1.json` (every curve, the chosen
+learning rates, the crossing epochs and their ratios) and TensorBoard
+scalars, one run per (seed, activation, learning rate). Prints a table of
+the epochs each activation needs to reach every target error, and of the
+ratio tanh / ReLU as mean ± standard deviation over the seeds.
+
+A finished seed leaves `seed<k>/curves.json`; running the command again
+reads it instead of training that seed again.
 """
 
 from collections.abc import Sequence
@@ -22,25 +26,28 @@ import os
 from typing import Any
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 from clu import metric_writers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from matplotlib import figure as figure_lib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
 
 from alexnet import errors
-from alexnet import pictures
-from alexnet import plot
 from alexnet import steps
 from alexnet.data import fashion_mnist
+from experiments import crossings
+from experiments import plots
 
-ACTIVATIONS = ('relu', 'tanh')
-_ACTIVATION_FNS = {'relu': nn.relu, 'tanh': jnp.tanh}
+ACTIVATIONS = crossings.ACTIVATIONS
+NAMES = {'relu': 'ReLU', 'tanh': 'tanh'}
+# The paper's Figure 1: ReLU solid, tanh dashed.
+STYLES = {'relu': ('tab:blue', False), 'tanh': ('tab:red', True)}
 
 
 class SmallConvNet(nn.Module):
@@ -52,7 +59,7 @@ class SmallConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    act = _ACTIVATION_FNS[self.activation]
+    act = {'relu': nn.relu, 'tanh': jnp.tanh}[self.activation]
     x = images
     for features in self.features:
       x = act(nn.Conv(features, (5, 5))(x))
@@ -86,46 +93,6 @@ def load_data(config: ml_collections.ConfigDict
   return images, labels.astype(np.int32)
 
 
-@dataclasses.dataclass
-class Curve:
-  """Training error of one run, recorded at fractional epochs."""
-
-  activation: str
-  learning_rate: float
-  epochs: list[float] = dataclasses.field(default_factory=list)
-  errors: list[float] = dataclasses.field(default_factory=list)
-  diverged: bool = False
-
-  @property
-  def name(self) -> str:
-    return f'{self.activation}_lr{self.learning_rate:g}'
-
-  def mean_error(self) -> float:
-    """Mean recorded error; infinite once diverged (never the fastest)."""
-    return math.inf if self.diverged else float(np.mean(self.errors))
-
-
-def epochs_to_reach(curve: Curve, target: float) -> float | None:
-  """The first recorded epoch at which training error is <= target.
-
-  Args:
-    curve: a recorded curve.
-    target: training error rate, e.g. 0.25.
-
-  Returns:
-    The epoch, or None if the curve never gets there.
-  """
-  for epoch, error in zip(curve.epochs, curve.errors):
-    if error <= target:
-      return epoch
-  return None
-
-
-def fastest(curves: Sequence[Curve]) -> Curve:
-  """The curve with the lowest mean training error (the fastest learner)."""
-  return min(curves, key=lambda c: (c.mean_error(), c.learning_rate))
-
-
 def _train_step(params, opt_state, images, labels, learning_rate, *, model,
                 config):
   """One momentum-SGD step; also returns the loss and the misclassified."""
@@ -146,28 +113,31 @@ class Net:
   """A net's initial parameters and compiled step, shared by its runs."""
 
   activation: str
+  seed: int
   params: Any
   step_fn: Any
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, activation: str,
-             example: np.ndarray) -> 'Net':
-    """The net of `config.features` with this activation, seeded by config.
+             seed: int, example: np.ndarray) -> 'Net':
+    """The net of `config.features` with this activation.
 
     Args:
-      config: uses features, seed, momentum and weight_decay.
+      config: uses features, momentum and weight_decay.
       activation: 'relu' or 'tanh'.
+      seed: seeds the initial weights; both activations of a seed start
+        from the same key.
       example: one input batch, for the shapes.
 
     Returns:
-      The net; every activation starts from the same seed.
+      The net.
     """
     model = SmallConvNet(features=tuple(config.features),
                          activation=activation)
-    params = model.init(jax.random.key(config.seed), example)['params']
+    params = model.init(jax.random.key(seed), example)['params']
     step_fn = jax.jit(functools.partial(_train_step, model=model,
                                         config=config))
-    return cls(activation, params, step_fn)
+    return cls(activation, seed, params, step_fn)
 
 
 class Run:
@@ -184,16 +154,17 @@ class Run:
     self._opt_state = steps.make_optimizer(config, 0.0).init(self._params)
     self._step_fn = net.step_fn
     self.step = 0
-    self.curve = Curve(net.activation, learning_rate)
+    self.curve = crossings.Curve(net.activation, learning_rate, net.seed)
     # TensorBoard only: the log gets one line per epoch (see _record).
     self._writer = metric_writers.SummaryWriter(
         os.path.join(workdir, self.curve.name))
 
   def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    # Every run sees the same data order: a permutation per epoch, seeded
-    # by (seed, epoch); the last partial batch of an epoch is dropped.
+    # Both activations of a seed see the same data order: a permutation per
+    # epoch, seeded by (seed, epoch); an epoch's last partial batch is
+    # dropped.
     epoch, index = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self._config.seed, epoch]).permutation(
+    order = np.random.default_rng([self.curve.seed, epoch]).permutation(
         len(self._labels))
     take = order[index * self._config.batch_size:
                  (index + 1) * self._config.batch_size]
@@ -228,8 +199,9 @@ class Run:
                                            'train/loss': loss})
     if self.step // self.steps_per_epoch > (
         self.step - self._steps_per_record) // self.steps_per_epoch:
-      logging.info('%s: epoch %.2f, training error %.4f, loss %.4f',
-                   self.curve.name, self.curve.epochs[-1], error, loss)
+      logging.info('seed %d, %s: epoch %.2f, training error %.4f, loss %.4f',
+                   self.curve.seed, self.curve.name, self.curve.epochs[-1],
+                   error, loss)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_train: int
@@ -253,18 +225,20 @@ def validate_config(config: ml_collections.ConfigDict, num_train: int
     raise errors.ConfigError(
         f'config.sweep_epochs={config.sweep_epochs} must be in '
         f'(0, config.num_epochs={config.num_epochs}].')
-  if not config.learning_rates:
-    raise errors.ConfigError('config.learning_rates is empty; give at least '
-                             'one learning rate to try.')
+  for field in ('learning_rates', 'seeds', 'target_errors'):
+    if not config[field]:
+      raise errors.ConfigError(f'config.{field} is empty; give at least one '
+                               'value.')
 
 
-def train_both(config: ml_collections.ConfigDict,
-               data: tuple[np.ndarray, np.ndarray],
-               workdir: str) -> tuple[dict[str, Curve], list[Curve]]:
+def train_seed(config: ml_collections.ConfigDict, seed: int,
+               data: tuple[np.ndarray, np.ndarray], workdir: str
+               ) -> tuple[dict[str, crossings.Curve], list[crossings.Curve]]:
   """Sweeps the learning rates of each activation; trains the fastest on.
 
   Args:
     config: the Figure 1 config.
+    seed: seeds the initial weights and the data order.
     data: (images, labels) from `load_data`.
     workdir: TensorBoard runs go in `<workdir>/<activation>_lr<rate>`.
 
@@ -276,100 +250,70 @@ def train_both(config: ml_collections.ConfigDict,
   """
   chosen, swept = {}, []
   for activation in ACTIVATIONS:
-    net = Net.create(config, activation, data[0][:config.batch_size])
+    net = Net.create(config, activation, seed, data[0][:config.batch_size])
     runs = [Run(config, net, lr, data, workdir)
             for lr in config.learning_rates]
     for run in runs:
       run.train_to(config.sweep_epochs)
-      logging.info('%s: mean training error %.4f over the sweep.',
-                   run.curve.name, run.curve.mean_error())
+      logging.info('seed %d, %s: mean training error %.4f over the sweep.',
+                   seed, run.curve.name, run.curve.mean_error())
     # Copies: the chosen run's curve grows on.
     swept += [dataclasses.replace(run.curve, epochs=list(run.curve.epochs),
                                   errors=list(run.curve.errors))
               for run in runs]
-    best_curve = fastest([run.curve for run in runs])
+    best_curve = crossings.fastest([run.curve for run in runs])
     best = next(run for run in runs if run.curve is best_curve)
     if best.curve.diverged:
       raise errors.DivergedError(
           f'Every learning rate in config.learning_rates='
-          f'{tuple(config.learning_rates)} diverged with {activation}; '
-          'try smaller ones.')
+          f'{tuple(config.learning_rates)} diverged with {activation} '
+          f'(seed {seed}); try smaller ones.')
     best.train_to(config.num_epochs)
     chosen[activation] = best.curve
   return chosen, swept
 
 
-def summarize(config: ml_collections.ConfigDict,
-              chosen: dict[str, Curve]) -> dict[str, Any]:
-  """Crossing epochs of each target error and their ratio tanh / ReLU.
-
-  Args:
-    config: uses target_errors.
-    chosen: {activation: curve} from `train_both`.
-
-  Returns:
-    {'learning_rates': {activation: lr}, 'targets': [{'error': target,
-    'epochs': {activation: epoch or None}, 'ratio': tanh / relu or None}]}.
-  """
-  targets = []
-  for target in config.target_errors:
-    epochs = {a: epochs_to_reach(curve, target)
-              for a, curve in chosen.items()}
-    ratio = (epochs['tanh'] / epochs['relu']
-             if None not in epochs.values() else None)
-    targets.append({'error': target, 'epochs': epochs, 'ratio': ratio})
-  return {'learning_rates': {a: c.learning_rate for a, c in chosen.items()},
-          'targets': targets}
+def train_or_load_seed(
+    config: ml_collections.ConfigDict, seed: int,
+    data: tuple[np.ndarray, np.ndarray], workdir: str
+) -> tuple[dict[str, crossings.Curve], list[crossings.Curve]]:
+  """`train_seed`, or what a finished earlier run saved for this seed."""
+  seed_dir = os.path.join(workdir, f'seed{seed}')
+  saved = os.path.join(seed_dir, 'curves.json')
+  if os.path.exists(saved):
+    with open(saved) as f:
+      curves = json.load(f)
+    return ({a: crossings.Curve(**c) for a, c in curves['chosen'].items()},
+            [crossings.Curve(**c) for c in curves['sweep']])
+  chosen, swept = train_seed(config, seed, data, seed_dir)
+  with open(saved, 'w') as f:
+    json.dump({'chosen': {a: dataclasses.asdict(c) for a, c in chosen.items()},
+               'sweep': [dataclasses.asdict(c) for c in swept]}, f)
+  return chosen, swept
 
 
-def report(config: ml_collections.ConfigDict, num_train: int,
-           summary: dict[str, Any]) -> str:
-  """The printed result: data, learning rates, epochs to each target.
-
-  Args:
-    config: the Figure 1 config.
-    num_train: number of training images used.
-    summary: from `summarize`.
-
-  Returns:
-    Lines of text.
-  """
-  lines = [f'Fashion-MNIST training set, {num_train} images, batch '
-           f'{config.batch_size}, {config.num_epochs} epochs, no '
-           'regularisation; training error = running minibatch error.']
-  for activation, lr in summary['learning_rates'].items():
-    lines.append(f'{activation}: learning rate {lr:g} (fastest of '
-                 f'{tuple(config.learning_rates)} over '
-                 f'{config.sweep_epochs} epoch(s))')
-  for target in summary['targets']:
-    reached = {a: f'{e:.2f}' if e is not None else
-               f'not within {config.num_epochs}'
-               for a, e in target['epochs'].items()}
-    ratio = (f'{target["ratio"]:.2f}' if target['ratio'] is not None
-             else 'n/a')
-    lines.append(f'epochs to {target["error"]:.0%} training error: relu '
-                 f'{reached["relu"]}, tanh {reached["tanh"]}; ratio '
-                 f'tanh/relu {ratio}')
-  return '\n'.join(lines)
-
-
-def _draw(config: ml_collections.ConfigDict, chosen: dict[str, Curve],
-          workdir: str) -> np.ndarray:
-  """Writes figure1.png: ReLU solid, tanh dashed, as in the paper."""
-  styles = {'relu': ((0, 0, 200), False), 'tanh': ((200, 0, 0), True)}
-  lines = [plot.Line(f'{a} (lr {c.learning_rate:g})', c.epochs, c.errors,
-                     colour=styles[a][0], dashed=styles[a][1])
-           for a, c in chosen.items()]
-  picture = plot.line_chart(lines, x_label='Epochs',
-                            y_label='Training error rate',
-                            hlines=config.target_errors)
-  pictures.save_png(picture, os.path.join(workdir, 'figure1.png'))
-  return picture
+def draw(config: ml_collections.ConfigDict,
+         chosen: Sequence[dict[str, crossings.Curve]]
+         ) -> figure_lib.Figure:
+  """Training error per epoch: one line per seed, one colour per activation."""
+  lines = []
+  for activation in ACTIVATIONS:
+    colour, dashed = STYLES[activation]
+    for i, seed in enumerate(chosen):
+      curve = seed[activation]
+      seeds = f'{len(chosen)} seed' + ('s' if len(chosen) > 1 else '')
+      label = f'{NAMES[activation]} ({seeds})' if i == 0 else None
+      lines.append(plots.Line(curve.epochs, curve.errors, colour, label,
+                              dashed))
+  return plots.line_chart(lines, x_label='Epochs',
+                          y_label='Training error rate',
+                          hlines=config.target_errors,
+                          title='Figure 1 on Fashion-MNIST: ReLU vs tanh')
 
 
 def run_figure1(config: ml_collections.ConfigDict,
                 workdir: str) -> dict[str, Any]:
-  """Trains both nets and writes the figure, its data and TensorBoard.
+  """Trains every seed's nets; writes the figure, its data and TensorBoard.
 
   Args:
     config: the Figure 1 config (configs/figure1.py).
@@ -380,18 +324,25 @@ def run_figure1(config: ml_collections.ConfigDict,
   """
   data = load_data(config)
   validate_config(config, len(data[1]))
-  os.makedirs(workdir, exist_ok=True)
-  chosen, swept = train_both(config, data, workdir)
-  result = summarize(config, chosen)
-  result['curves'] = {a: dataclasses.asdict(c) for a, c in chosen.items()}
+  chosen, swept = [], []
+  for seed in config.seeds:
+    os.makedirs(os.path.join(workdir, f'seed{seed}'), exist_ok=True)
+    seed_chosen, seed_swept = train_or_load_seed(config, seed, data, workdir)
+    chosen.append(seed_chosen)
+    swept += seed_swept
+    print(crossings.seed_line(config, seed_chosen), flush=True)
+  result = crossings.summarize(config, chosen)
+  result['curves'] = [{a: dataclasses.asdict(c) for a, c in seed.items()}
+                      for seed in chosen]
   result['sweep'] = [dataclasses.asdict(c) for c in swept]
   with open(os.path.join(workdir, 'figure1.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  picture = _draw(config, chosen, workdir)
+  figure = draw(config, chosen)
+  plots.save_png(figure, os.path.join(workdir, 'figure1.png'))
   writer = metric_writers.SummaryWriter(workdir)
-  writer.write_images(0, {'figure1': picture[None]})
+  writer.write_images(0, {'figure1': plots.to_rgb(figure)[None]})
   writer.flush()
-  print(report(config, len(data[1]), result))
+  print(crossings.report(config, len(data[1]), result))
   return result
 
 

@@ -1,0 +1,1 @@
+"""Experiments built on the alexnet library (figures of the paper)."""
