@@ -6,7 +6,10 @@ Override any config field with --config.FIELD=VALUE. Running the same command
 again resumes from the last checkpoint in --workdir; adding --mode=eval
 evaluates a checkpoint there (--checkpoint=latest, best or a step) without
 training; --mode=prepare writes the pre-resized shards that
---config.use_shards=True then reads (no --workdir needed). Several processes (one per host) start through jax.distributed,
+--config.use_shards=True then reads (no --workdir needed); --mode=compile
+--topology=v5e:2x2 compiles the train and eval steps for that TPU slice, with
+no TPU (alexnet/tpu.py), and prints their per-chip memory and roofline.
+Several processes (one per host) start through jax.distributed,
 see alexnet/distributed.py; SIGTERM or SIGINT checkpoints and exits 0.
 """
 
@@ -22,6 +25,7 @@ import tensorflow as tf
 
 from alexnet import distributed
 from alexnet import errors
+from alexnet import tpu
 from alexnet.data import shards
 import train
 
@@ -32,11 +36,14 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard '
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. configs/alexnet.py (the paper) or '
     'configs/alexnet.py:digits (offline).', lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare', 'compile'],
                   'train: train (or resume) and evaluate; eval: only '
                   'evaluate a checkpoint of --workdir, chosen by '
                   '--checkpoint; prepare: write the resize_size shards of '
-                  'the splits the config reads (resumable).')
+                  'the splits the config reads (resumable); compile: '
+                  'compile the steps for --topology (needs libtpu, no TPU).')
+flags.DEFINE_string('topology', None, 'With --mode=compile: the TPU slice, '
+                    'GENERATION:AxB[xC], e.g. v5e:2x2, v5e:2x4, v4:2x2x1.')
 flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval: 'latest', "
                     "'best' (lowest validation error) or a step number.")
 flags.register_validator(
@@ -45,8 +52,13 @@ flags.register_validator(
 flags.mark_flags_as_required(['config'])
 flags.register_multi_flags_validator(
     ['mode', 'workdir'],
-    lambda values: values['mode'] == 'prepare' or bool(values['workdir']),
+    lambda values: (values['mode'] in ('prepare', 'compile')
+                    or bool(values['workdir'])),
     message='--workdir is required with --mode=train or --mode=eval.')
+flags.register_multi_flags_validator(
+    ['mode', 'topology'],
+    lambda values: values['mode'] != 'compile' or bool(values['topology']),
+    message='--mode=compile needs --topology, e.g. --topology=v5e:2x2.')
 
 # Libraries that log every checkpoint write or dataset read at INFO; their
 # warnings and errors still show.
@@ -76,21 +88,26 @@ def _print_results(workdir: str, step: int,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
-        checkpoint: str = 'latest') -> None:
+        checkpoint: str = 'latest', topology: str | None = None) -> None:
   """Everything main() does once flags are parsed.
 
   Args:
     config: the experiment config.
     workdir: where the run lives.
-    mode: 'train' (or resume), 'eval' to evaluate a checkpoint, or
-      'prepare' to write the pre-resized shards.
+    mode: 'train' (or resume), 'eval' to evaluate a checkpoint,
+      'prepare' to write the pre-resized shards, or 'compile' to compile the
+      steps for a TPU slice.
     checkpoint: with mode 'eval': 'latest', 'best' or a step number.
+    topology: with mode 'compile': the TPU slice, e.g. 'v5e:2x2'.
 
   Raises:
     SystemExit: 'error: ...' (exit status 1) for a config, dataset or
       workdir that cannot run, or a run that diverged, with no traceback.
   """
   try:
+    if mode == 'compile':  # One process, compile-only devices: no cluster.
+      print('\n'.join(tpu.compile_steps(config, topology).lines()))
+      return
     # First, before anything touches a device: JAX's backend must start
     # knowing all processes.
     distributed.initialize(config)
@@ -114,7 +131,9 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint)
+  tpu.keep_jax_off_absent_tpu()
+  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint,
+      FLAGS.topology)
 
 
 if __name__ == '__main__':

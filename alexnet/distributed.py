@@ -71,6 +71,11 @@ def _has_tpu() -> bool:
   return False
 
 
+def has_tpu() -> bool:
+  """Whether a TPU chip is attached to this machine (its PCI vendor id)."""
+  return _has_tpu()
+
+
 def detect_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
   """The multi-process cluster this process runs in, if JAX can detect it.
 
