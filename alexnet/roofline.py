@@ -154,16 +154,17 @@ class Report:
         ('FLOPs per step', train.flops, evaluate.flops, '{:.3g}'.format),
         ('step time at peak FLOP/s (lower bound)', train.seconds(chip),
          evaluate.seconds(chip), _milliseconds),
+        ('images/s, upper bound', train.images / train.seconds(chip),
+         evaluate.images / evaluate.seconds(chip), '{:,.0f}'.format),
         ('HBM traffic per step (XLA estimate)', train.bytes_accessed,
          evaluate.bytes_accessed, format_bytes),
-        ('  the same at full HBM bandwidth', train.traffic_seconds(chip),
-         evaluate.traffic_seconds(chip), _milliseconds),
-        ('images/s, upper bound', train.images / train.seconds(chip),
-         evaluate.images / evaluate.seconds(chip), '{:,.0f}'.format)]
+        ('  its time at full HBM bandwidth', train.traffic_seconds(chip),
+         evaluate.traffic_seconds(chip), _milliseconds)]
     return [
         f'Compiled for TPU {self.topology} ({layout.num_devices} chips) by '
         f'libtpu {importlib.metadata.version("libtpu")} in '
-        f'{self.seconds:.0f} s: {layout.num_replicas} replicas, '
+        f'{self.seconds:.0f} s: {layout.num_replicas} '
+        f'{"replica" if layout.num_replicas == 1 else "replicas"}, '
         f'{placement}; batch {config.batch_size}, eval batch '
         f'{config.eval_batch_size} ({crops}); {config.dtype}; '
         f'{self.num_classes} classes; conv_impl={config.conv_impl}.',
