@@ -8,8 +8,8 @@ any slice shape, on any machine. The mapped steps that training runs
 (`steps.map_train_step`, `steps.map_eval_step`) are lowered here for those
 devices with abstract arguments and compiled. The compiler's accounting then
 says, per chip, how much HBM a step needs and how many FLOPs it does;
-against the chip's published peak (alexnet/roofline.py, docs/TPU.md) that bounds the
-step time from below, and so the images per second from above.
+against the chip's published peak (alexnet/roofline.py, docs/TPU.md) that
+bounds the step time from below, and so the images per second from above.
 """
 
 import functools
@@ -89,14 +89,14 @@ def parse_topology(name: str) -> tuple[str, tuple[int, int, int]]:
   """'v5e:2x4' -> ('v5e', (2, 4, 1)).
 
   Raises:
-    TopologyError: not GENERATION:AxB[xC] with a generation of `roofline.CHIPS`.
+    TopologyError: not GENERATION:AxB[xC], GENERATION in `roofline.CHIPS`.
   """
   match = _TOPOLOGY.fullmatch(name or '')
   if not match or match[1] not in roofline.CHIPS:
     raise TopologyError(
         f'--topology={name!r} is not a TPU slice this code knows: give '
-        f'GENERATION:AxB or AxBxC chips, GENERATION one of {list(roofline.CHIPS)}, '
-        'e.g. --topology=v5e:2x2 or --topology=v4:2x2x1.')
+        'GENERATION:AxB or AxBxC chips, GENERATION one of '
+        f'{list(roofline.CHIPS)}, e.g. --topology=v5e:2x2 or v4:2x2x1.')
   return match[1], (int(match[2]), int(match[3]), int(match[4] or 1))
 
 
