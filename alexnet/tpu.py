@@ -251,7 +251,7 @@ def _compile_step(step: Any, arguments: tuple[Any, ...], images: int,
   except jax.errors.JaxRuntimeError as error:
     if not any(mark in str(error) for mark in _MEMORY_ERRORS):
       raise
-    raise refusal(needed=str(error).splitlines()[0]) from None
+    raise refusal(needed=str(error).splitlines()[0].rstrip('.')) from None
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
