@@ -71,7 +71,7 @@ def _has_tpu() -> bool:
   return False
 
 
-def has_tpu() -> bool:
+def tpu_present() -> bool:
   """Whether a TPU chip is attached to this machine (its PCI vendor id)."""
   return _has_tpu()
 

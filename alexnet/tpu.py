@@ -12,13 +12,16 @@ against the chip's published peak (alexnet/roofline.py, docs/TPU.md) that
 bounds the step time from below, and so the images per second from above.
 """
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import math
 import os
 import pkgutil
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -77,7 +80,7 @@ def keep_jax_off_absent_tpu() -> bool:
   Returns:
     Whether it restricted JAX to the CPU.
   """
-  if (os.environ.get('JAX_PLATFORMS') or distributed.has_tpu()
+  if (os.environ.get('JAX_PLATFORMS') or distributed.tpu_present()
       or importlib.util.find_spec('libtpu') is None
       or _accelerator_plugins()):
     return False
@@ -108,22 +111,33 @@ def require_libtpu() -> None:
         f"installed: pip install 'jax[tpu]=={jax.__version__}'.")
 
 
-def _describe_slice_to_libtpu(generation: str, chips: int) -> None:
+@contextlib.contextmanager
+def _slice_described_to_libtpu(generation: str,
+                               chips: int) -> Iterator[None]:
   """Tells libtpu the slice, where no TPU VM metadata server can.
 
   On start-up libtpu asks the Cloud TPU metadata for the accelerator type
   and the worker hosts, and prints warnings to stderr where there are none.
-  Effective once, before libtpu first starts; a real TPU VM keeps its own.
   Without chips to guard, several compiling processes (tests, a compile
   next to another) may load libtpu at once, which its lock file refuses.
+  libtpu reads these at its first start, inside the block; the variables
+  are removed after it, as `distributed.detect_cluster` takes
+  TPU_WORKER_HOSTNAMES for a Cloud TPU cluster. A TPU VM keeps its own.
   """
-  if distributed.has_tpu():
-    return
   chip = roofline.CHIPS[generation]
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE',
-                        f'{chip.accelerator}-{chip.cores_per_chip * chips}')
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  settings = {
+      'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+      'TPU_ACCELERATOR_TYPE':
+          f'{chip.accelerator}-{chip.cores_per_chip * chips}',
+      'TPU_WORKER_HOSTNAMES': 'localhost'}
+  added = ([] if distributed.tpu_present()
+           else [name for name in settings if name not in os.environ])
+  os.environ.update({name: settings[name] for name in added})
+  try:
+    yield
+  finally:
+    for name in added:
+      del os.environ[name]
 
 
 def topology_devices(name: str) -> tuple[jax.Device, ...]:
@@ -143,12 +157,12 @@ def topology_devices(name: str) -> tuple[jax.Device, ...]:
   """
   generation, bounds = parse_topology(name)
   require_libtpu()
-  _describe_slice_to_libtpu(generation, bounds[0] * bounds[1] * bounds[2])
   try:
-    topology = topologies.get_topology_desc(
-        platform='tpu', topology_name=name,
-        chip_config_name=roofline.CHIPS[generation].chip_config,
-        chips_per_host_bounds=bounds, num_slices=1)
+    with _slice_described_to_libtpu(generation, math.prod(bounds)):
+      topology = topologies.get_topology_desc(
+          platform='tpu', topology_name=name,
+          chip_config_name=roofline.CHIPS[generation].chip_config,
+          chips_per_host_bounds=bounds, num_slices=1)
   except jax.errors.JaxRuntimeError as error:
     raise TopologyError(
         f'--topology={name!r}: libtpu could not describe this slice '

@@ -44,6 +44,9 @@ def test_tiny_steps_compile_for_v5e_2x2_one_tower_per_chip(tiny, capfd):
   report = tpu.compile_steps(config, 'v5e:2x2')
   assert not [line for line in capfd.readouterr().err.splitlines()
               if any(mark in line for mark in LIBTPU_WARNINGS)]
+  # What libtpu was told is not left for distributed.detect_cluster to
+  # take for a Cloud TPU cluster.
+  assert 'TPU_WORKER_HOSTNAMES' not in os.environ
 
   layout = report.layout
   assert {d.device_kind for d in layout.devices} == {'TPU v5 lite'}
