@@ -9,9 +9,11 @@ training; --mode=prepare writes the pre-resized shards that
 --config.use_shards=True then reads (no --workdir needed); --mode=import
 --weights=FILE writes published weights (bvlc_alexnet.caffemodel or its
 .npy port, with --config=configs/alexnet.py:caffe) as the step-0
-checkpoint of --workdir. Several processes (one per host) start through
-jax.distributed, see alexnet/distributed.py; SIGTERM or SIGINT checkpoints
-and exits 0.
+checkpoint of --workdir; --mode=compile --topology=v5e:2x2 compiles the
+train and eval steps for that TPU slice, with no TPU (alexnet/tpu.py), and
+prints their per-chip memory and roofline. Several processes (one per host)
+start through jax.distributed, see alexnet/distributed.py; SIGTERM or SIGINT
+checkpoints and exits 0.
 """
 
 import difflib
@@ -28,6 +30,7 @@ import tensorflow as tf
 
 from alexnet import distributed
 from alexnet import errors
+from alexnet import tpu
 from alexnet import workdir as workdir_lib
 from alexnet.data import shards
 from alexnet.importers import checkpoint as importer
@@ -40,15 +43,19 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard '
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. configs/alexnet.py (the paper) or '
     'configs/alexnet.py:digits (offline).', lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare', 'import'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare', 'import',
+                                    'compile'],
                   'train: train (or resume) and evaluate; eval: only '
                   'evaluate a checkpoint of --workdir, chosen by '
                   '--checkpoint; prepare: write the resize_size shards of '
                   'the splits the config reads (resumable); import: write '
-                  '--weights as the step-0 checkpoint of --workdir.')
+                  '--weights as the step-0 checkpoint of --workdir; compile: '
+                  'compile the steps for --topology (needs libtpu, no TPU).')
 flags.DEFINE_string('weights', None, 'With --mode=import: a .caffemodel '
                     '(bvlc_alexnet, either Caffe format) or a .npy dict '
                     '(its NumPy port).')
+flags.DEFINE_string('topology', None, 'With --mode=compile: the TPU slice, '
+                    'GENERATION:AxB[xC], e.g. v5e:2x2, v5e:2x4, v4:2x2x1.')
 flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval: 'latest', "
                     "'best' (lowest validation error) or a step number.")
 flags.register_validator(
@@ -57,12 +64,17 @@ flags.register_validator(
 flags.mark_flags_as_required(['config'])
 flags.register_multi_flags_validator(
     ['mode', 'workdir'],
-    lambda values: values['mode'] == 'prepare' or bool(values['workdir']),
+    lambda values: (values['mode'] in ('prepare', 'compile')
+                    or bool(values['workdir'])),
     message='--workdir is required with --mode=train, eval or import.')
 flags.register_multi_flags_validator(
     ['mode', 'weights'],
     lambda values: (values['mode'] == 'import') == bool(values['weights']),
     message='--weights goes with --mode=import, and --mode=import needs it.')
+flags.register_multi_flags_validator(
+    ['mode', 'topology'],
+    lambda values: values['mode'] != 'compile' or bool(values['topology']),
+    message='--mode=compile needs --topology, e.g. --topology=v5e:2x2.')
 
 # Libraries that log every checkpoint write or dataset read at INFO; their
 # warnings and errors still show.
@@ -108,23 +120,29 @@ def _import(config: ml_collections.ConfigDict, weights: str,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
-        checkpoint: str = 'latest', weights: str | None = None) -> None:
+        *, checkpoint: str = 'latest', weights: str | None = None,
+        topology: str | None = None) -> None:
   """Everything main() does once flags are parsed.
 
   Args:
     config: the experiment config.
     workdir: where the run lives.
     mode: 'train' (or resume), 'eval' to evaluate a checkpoint,
-      'prepare' to write the pre-resized shards, or 'import' to write
-      `weights` as a step-0 checkpoint.
+      'prepare' to write the pre-resized shards, 'import' to write
+      `weights` as a step-0 checkpoint, or 'compile' to compile the steps
+      for a TPU slice.
     checkpoint: with mode 'eval': 'latest', 'best' or a step number.
     weights: with mode 'import': the weights file.
+    topology: with mode 'compile': the TPU slice, e.g. 'v5e:2x2'.
 
   Raises:
     SystemExit: 'error: ...' (exit status 1) for a config, dataset or
       workdir that cannot run, or a run that diverged, with no traceback.
   """
   try:
+    if mode == 'compile':  # One process, compile-only devices: no cluster.
+      print('\n'.join(tpu.compile_steps(config, topology).lines()))
+      return
     if mode != 'prepare':
       workdir_lib.check_path(workdir)
     # First, before anything touches a device: JAX's backend must start
@@ -222,7 +240,9 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint, FLAGS.weights)
+  tpu.keep_jax_off_absent_tpu()
+  run(FLAGS.config, FLAGS.workdir, FLAGS.mode, checkpoint=FLAGS.checkpoint,
+      weights=FLAGS.weights, topology=FLAGS.topology)
 
 
 if __name__ == '__main__':

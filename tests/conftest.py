@@ -17,6 +17,9 @@ from configs import alexnet as configs  # Plain Python: does not import JAX.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The tests run on the CPU. libtpu (installed for --mode=compile) would
+# otherwise be tried first, with warnings, where there is no TPU.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       tempfile.mkdtemp(prefix='alexnet-jax-cache-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
