@@ -24,6 +24,7 @@ from alexnet import config_checks
 from alexnet import distributed
 from alexnet import errors
 from alexnet import evaluation
+from alexnet import finetune
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import prefetch
@@ -123,6 +124,10 @@ def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
   """Checkpoint `step`, or a fresh state where `step` is None."""
   config = experiment.config
   model = steps.create_model(config, experiment.info.num_classes)
+  if step is None and config.init_from:
+    logging.info('Starting in %s from the parameters of %s.',
+                 experiment.workdir, config.init_from)
+    return finetune.initial_state(config, model)
   if step is None:
     logging.info('Starting from scratch in %s.', experiment.workdir)
     return steps.create_train_state(config, model)
