@@ -73,7 +73,7 @@ def _squares(config: ml_collections.ConfigDict,
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str, split: str,
-            checkpoint: str = 'latest') -> Features:
+            checkpoint: str = 'latest', limit: int = 0) -> Features:
   """fc7 features, labels and logits of every example of a split.
 
   Args:
@@ -81,6 +81,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str,
     workdir: the run's workdir.
     split: 'eval', 'minival' or 'train' (the config's splits).
     checkpoint: 'latest', 'best' or a step number.
+    limit: stop after this many examples (whole batches); 0: all.
 
   Returns:
     The split's `Features`, in the split's order.
@@ -96,6 +97,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str,
     fc7.append(batch_fc7)
     logits.append(batch_logits)
     labels.append(batch_labels)
+    if limit and sum(map(len, labels)) >= limit:
+      break
   return Features(step, np.concatenate(fc7), np.concatenate(labels),
                   np.concatenate(logits))
 

@@ -12,8 +12,9 @@ paper's section 6.1.
 Give the config the run was trained with (e.g. its --config.classes). The
 figure goes to <workdir>/figure4.png and to TensorBoard (image 'figure4'
 at the checkpoint's step). The shown test images are spread evenly over the
-test split, so the figure depends on the checkpoint only. Reads every
-training image once (the neighbours are searched among all of them).
+test split, so the figure depends on the checkpoint only. The neighbours
+are searched among all training images, or the first --database of them
+(fewer forward passes on a slow machine).
 """
 
 from absl import app
@@ -39,6 +40,8 @@ flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' or a step.")
 flags.DEFINE_integer('shown', 8, 'Test images with their top-5 bars.')
 flags.DEFINE_integer('queries', 5, 'Test images with their neighbours.')
 flags.DEFINE_integer('neighbours', 6, 'Training images per query.')
+flags.DEFINE_integer('database', 0, 'Search the neighbours among the first '
+                     'this many training images (whole batches); 0: all.')
 flags.mark_flags_as_required(['workdir', 'config'])
 
 FASHION_MNIST_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -107,7 +110,8 @@ def spread(count: int, total: int, shift: float = 0.0) -> np.ndarray:
 def draw(config, workdir: str, checkpoint: str = 'latest') -> tuple[int, str]:
   """Draws Figure 4 from a checkpoint; returns (its step, the PNG's path)."""
   test = features.extract(config, workdir, 'eval', checkpoint)
-  train = features.extract(config, workdir, 'train', checkpoint)
+  train = features.extract(config, workdir, 'train', checkpoint,
+                           limit=FLAGS.database)
   names = class_names(config)
   shown = spread(FLAGS.shown, len(test.labels))
   queries = spread(FLAGS.queries, len(test.labels), shift=0.5)

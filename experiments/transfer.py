@@ -107,14 +107,14 @@ def main() -> None:
   parser.add_argument('--seeds', default='0,1,2', help='comma-separated')
   parser.add_argument('--pretrain_epochs', type=float, default=1.0)
   parser.add_argument('--per_class', type=int, default=100)
-  parser.add_argument('--epochs', type=float, default=20.0)
+  parser.add_argument('--epochs', type=float, default=15.0)
   # From scratch: the Fashion-MNIST config's rate. Fine-tuning: Caffe's
   # recipe, a tenth of it for the pretrained layers and the full rate
   # (x --fc8_multiplier) for the new fc8.
   parser.add_argument('--learning_rate', type=float, default=0.01)
   parser.add_argument('--finetune_learning_rate', type=float, default=0.001)
   parser.add_argument('--lr_drop_epochs', type=float, nargs='*',
-                      default=[15.0])
+                      default=[12.0])
   parser.add_argument('--fc8_multiplier', type=float, default=10.0)
   args = parser.parse_args()
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
