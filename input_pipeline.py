@@ -47,6 +47,7 @@ from alexnet.data import info
 from alexnet.data import ops
 from alexnet.data import shards
 from alexnet.data import sources
+from alexnet.data import subsets
 from alexnet.errors import DatasetError
 
 Config = ml_collections.ConfigDict
@@ -100,7 +101,7 @@ def data_source(config: Config) -> sources.Source:
     source = sources.make_source(config)
   train_splits = {name for name, _, _ in sources.absolute_ranges(
       source.split_sizes, config.train_split, source.tag)}
-  return sources.subset_source(source, tuple(config.classes),
+  return subsets.subset_source(source, tuple(config.classes),
                                config.train_examples_per_class,
                                tuple(sorted(train_splits)))
 

@@ -11,7 +11,7 @@ import pytest
 from alexnet import errors
 from alexnet import finetune
 from alexnet import steps
-from alexnet.data import sources
+from alexnet.data import subsets
 from configs import alexnet as configs
 import features
 import input_pipeline
@@ -27,9 +27,9 @@ def _labels_and_data(dataset):
 def test_kept_indices_are_the_first_of_each_class_in_order():
   labels = np.array([3, 1, 3, 2, 1, 3, 1, 0, 3])
   np.testing.assert_array_equal(
-      sources.kept_indices(labels, (3, 1)), [0, 1, 2, 4, 5, 6, 8])
+      subsets.kept_indices(labels, (3, 1)), [0, 1, 2, 4, 5, 6, 8])
   np.testing.assert_array_equal(
-      sources.kept_indices(labels, (3, 1), per_class=2), [0, 1, 2, 4])
+      subsets.kept_indices(labels, (3, 1), per_class=2), [0, 1, 2, 4])
 
 
 def test_class_subset_remaps_labels_and_limits_only_the_training_split(tiny):
