@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -27,6 +28,7 @@ from alexnet import features as features_lib
 from alexnet import steps
 import input_pipeline
 
+PyTree = Any
 SPLITS = ('eval', 'minival', 'train')
 
 
@@ -40,7 +42,7 @@ class Features:
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
-                   checkpoint: str = 'latest') -> tuple[int, steps.TrainState]:
+                   checkpoint: str = 'latest') -> tuple[int, PyTree]:
   """(step, parameters) of a saved checkpoint; reads the workdir only.
 
   Raises:

@@ -104,6 +104,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
   """Checks the config against the devices and reads the dataset's sizes."""
   layout = _create_layout(config)
   config_checks.validate(config, layout)
+  finetune.validate(config)
   info = input_pipeline.get_dataset_info(config)
   return _Experiment(
       config, os.path.abspath(workdir), layout, info,

@@ -32,24 +32,24 @@ from alexnet.errors import ConfigError
 
 PyTree = Any
 CHECKPOINTS = 'checkpoints'
+# The net's layers, the names config.reinit chooses from.
+LAYERS = (*model_lib.TOWER_CHANNELS, 'fc8')
 
 
-def validate(config: ml_collections.ConfigDict,
-             layers: tuple[str, ...]) -> None:
-  """Refuses fine-tuning fields that cannot apply.
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses fine-tuning fields that cannot apply (checked before any work).
 
   Args:
     config: uses init_from, reinit and reinit_lr_multiplier.
-    layers: the model's top-level layer names.
 
   Raises:
     ConfigError: naming the field and the fix.
   """
   reinit = tuple(config.reinit)
-  unknown = [name for name in reinit if name not in layers]
+  unknown = [name for name in reinit if name not in LAYERS]
   if unknown:
     raise ConfigError(f'config.reinit names {unknown}, not layers of this '
-                      f'model; choose among {list(layers)}.')
+                      f'model; choose among {list(LAYERS)}.')
   if reinit and not config.init_from:
     raise ConfigError(f'config.reinit={reinit} re-initialises layers of a '
                       'checkpoint: set config.init_from, or config.reinit=().')
@@ -165,8 +165,8 @@ def initial_state(config: ml_collections.ConfigDict,
   Raises:
     UserError: see `validate`, `read_params` and `merge`.
   """
+  validate(config)
   state = steps.create_train_state(config, model)
-  validate(config, tuple(state.params))
   source, step = read_params(config.init_from)
   where = f'{config.init_from} (step {step})'
   params = merge(state.params, source, tuple(config.reinit), where)

@@ -138,6 +138,13 @@ def test_fine_tuning_copies_reinits_and_resumes_without_reinit(
   assert any(moved)
   with pytest.raises(errors.ConfigError, match='is not a run'):
     train.train_and_evaluate(config, str(tmp_path / 'new'))
+  for overrides, match in (({'reinit': ('fc8',)}, 'set config.init_from'),
+                           ({'reinit': ('fc9',), 'init_from': source},
+                            'not layers of this model'),
+                           ({'reinit_lr_multiplier': 10.0}, 'is empty')):
+    with pytest.raises(errors.ConfigError, match=match):
+      train.train_and_evaluate(tiny(num_devices=1, **overrides),
+                               str(tmp_path / 'refused'))
 
 
 def test_features_are_fc8s_input_with_the_splits_labels(source_run):
