@@ -49,6 +49,7 @@ from alexnet.data import info
 from alexnet.data import ops
 from alexnet.data import shards
 from alexnet.data import sources
+from alexnet.data import subsets
 from alexnet.errors import DatasetError
 
 Config = ml_collections.ConfigDict
@@ -91,10 +92,20 @@ def get_dataset_info(config: Config) -> DatasetInfo:
 
 
 def data_source(config: Config) -> sources.Source:
-  """The configured data: the original images or their pre-resized shards."""
+  """The configured data: the original images or their pre-resized shards.
+
+  Restricted to config.classes (every split) and to
+  config.train_examples_per_class (the split(s) config.train_split reads).
+  """
   if config.use_shards:
-    return shards.shards_source(config)
-  return sources.make_source(config)
+    source = shards.shards_source(config)
+  else:
+    source = sources.make_source(config)
+  train_splits = {name for name, _, _ in sources.absolute_ranges(
+      source.split_sizes, config.train_split, source.tag)}
+  return subsets.subset_source(source, tuple(config.classes),
+                               config.train_examples_per_class,
+                               tuple(sorted(train_splits)))
 
 
 def mean_image(config: Config) -> np.ndarray:
@@ -227,7 +238,8 @@ def create_eval_iterable(config: Config, split: str, *,
 
   Args:
     config: the experiment config.
-    split: 'eval' (config.eval_split) or 'minival' (config.minival_split).
+    split: 'eval' (config.eval_split), 'minival' (config.minival_split) or
+      'train' (config.train_split, for features).
     replicas: global indices of the data-parallel replicas this process
       feeds (R = len(replicas)), in the order of the leading axis.
     num_replicas: data-parallel replicas over all processes.
@@ -239,11 +251,12 @@ def create_eval_iterable(config: Config, split: str, *,
     are zero images with mask False; every replica yields the same number
     of batches (`len()`), since evaluation uses collectives.
   """
-  spec = {'eval': config.eval_split, 'minival': config.minival_split}.get(
-      split)
+  # 'train' (unaugmented, in order) is for reading features, not metrics.
+  spec = {'eval': config.eval_split, 'minival': config.minival_split,
+          'train': config.train_split}.get(split)
   if not spec:
-    raise ValueError(f'split={split!r}: use \'eval\', or \'minival\' with '
-                     'config.minival_split set.')
+    raise ValueError(f'split={split!r}: use \'eval\', \'train\', or '
+                     '\'minival\' with config.minival_split set.')
   _check_replicas(replicas, num_replicas)
   batch = per_replica(config, 'eval_batch_size', num_replicas)
   source = data_source(config)

@@ -5,7 +5,8 @@
 Override any config field with --config.FIELD=VALUE. Running the same command
 again resumes from the last checkpoint in --workdir; adding --mode=eval
 evaluates a checkpoint there (--checkpoint=latest, best or a step) without
-training; --mode=prepare writes the pre-resized shards that
+training; --mode=features --split=eval|train writes a checkpoint's fc7
+features (features.py); --mode=prepare writes the pre-resized shards that
 --config.use_shards=True then reads (no --workdir needed); --mode=import
 --weights=FILE writes published weights (bvlc_alexnet.caffemodel or its
 .npy port, with --config=configs/alexnet.py:caffe) as the step-0
@@ -34,6 +35,7 @@ from alexnet import tpu
 from alexnet import workdir as workdir_lib
 from alexnet.data import shards
 from alexnet.importers import checkpoint as importer
+import features
 import train
 
 FLAGS = flags.FLAGS
@@ -43,21 +45,26 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard '
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. configs/alexnet.py (the paper) or '
     'configs/alexnet.py:digits (offline).', lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'prepare', 'import',
-                                    'compile'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'features', 'prepare',
+                                    'import', 'compile'],
                   'train: train (or resume) and evaluate; eval: only '
                   'evaluate a checkpoint of --workdir, chosen by '
-                  '--checkpoint; prepare: write the resize_size shards of '
-                  'the splits the config reads (resumable); import: write '
-                  '--weights as the step-0 checkpoint of --workdir; compile: '
-                  'compile the steps for --topology (needs libtpu, no TPU).')
+                  '--checkpoint; features: write the fc7 features and labels '
+                  'of --split to <workdir>/features/ (see features.py); '
+                  'prepare: write the resize_size shards of the splits the '
+                  'config reads (resumable); import: write --weights as the '
+                  'step-0 checkpoint of --workdir; compile: compile the '
+                  'steps for --topology (needs libtpu, no TPU).')
+flags.DEFINE_enum('split', 'eval', list(features.SPLITS),
+                  'With --mode=features: the config split to read.')
 flags.DEFINE_string('weights', None, 'With --mode=import: a .caffemodel '
                     '(bvlc_alexnet, either Caffe format) or a .npy dict '
                     '(its NumPy port).')
 flags.DEFINE_string('topology', None, 'With --mode=compile: the TPU slice, '
                     'GENERATION:AxB[xC], e.g. v5e:2x2, v5e:2x4, v4:2x2x1.')
-flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval: 'latest', "
-                    "'best' (lowest validation error) or a step number.")
+flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval|features: "
+                    "'latest', 'best' (lowest validation error) or a step "
+                    'number.')
 flags.register_validator(
     'checkpoint', lambda value: value in ('latest', 'best') or value.isdigit(),
     message="--checkpoint must be 'latest', 'best' or a step number.")
@@ -66,7 +73,8 @@ flags.register_multi_flags_validator(
     ['mode', 'workdir'],
     lambda values: (values['mode'] in ('prepare', 'compile')
                     or bool(values['workdir'])),
-    message='--workdir is required with --mode=train, eval or import.')
+    message='--workdir is required with --mode=train, eval, features or '
+    'import.')
 flags.register_multi_flags_validator(
     ['mode', 'weights'],
     lambda values: (values['mode'] == 'import') == bool(values['weights']),
@@ -120,18 +128,20 @@ def _import(config: ml_collections.ConfigDict, weights: str,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
-        *, checkpoint: str = 'latest', weights: str | None = None,
-        topology: str | None = None) -> None:
+        *, checkpoint: str = 'latest', split: str = 'eval',
+        weights: str | None = None, topology: str | None = None) -> None:
   """Everything main() does once flags are parsed.
 
   Args:
     config: the experiment config.
     workdir: where the run lives.
-    mode: 'train' (or resume), 'eval' to evaluate a checkpoint,
-      'prepare' to write the pre-resized shards, 'import' to write
-      `weights` as a step-0 checkpoint, or 'compile' to compile the steps
-      for a TPU slice.
-    checkpoint: with mode 'eval': 'latest', 'best' or a step number.
+    mode: 'train' (or resume), 'eval' to evaluate a checkpoint, 'features'
+      to write the fc7 features of a checkpoint, 'prepare' to write the
+      pre-resized shards, 'import' to write `weights` as a step-0
+      checkpoint, or 'compile' to compile the steps for a TPU slice.
+    checkpoint: with mode 'eval' or 'features': 'latest', 'best' or a step
+      number.
+    split: with mode 'features': 'eval', 'minival' or 'train'.
     weights: with mode 'import': the weights file.
     topology: with mode 'compile': the TPU slice, e.g. 'v5e:2x2'.
 
@@ -154,6 +164,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
       logging.info('Shards are in %s.', shards.prepare(config))
     elif mode == 'import':
       _import(config, weights, workdir)
+    elif mode == 'features':
+      step, paths = features.write(config, workdir, split, checkpoint)
+      print(f'fc7 features of {split} from step {step}: {", ".join(paths)}')
     elif mode == 'eval':
       step, results = train.evaluate_checkpoint(config, workdir, checkpoint)
       if jax.process_index() == 0:
@@ -242,7 +255,7 @@ def main(argv: list[str]) -> None:
   tf.config.set_visible_devices([], 'GPU')
   tpu.keep_jax_off_absent_tpu()
   run(FLAGS.config, FLAGS.workdir, FLAGS.mode, checkpoint=FLAGS.checkpoint,
-      weights=FLAGS.weights, topology=FLAGS.topology)
+      split=FLAGS.split, weights=FLAGS.weights, topology=FLAGS.topology)
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@ from alexnet import config_checks
 from alexnet import distributed
 from alexnet import errors
 from alexnet import evaluation
+from alexnet import finetune
 from alexnet import model as model_lib
 from alexnet import parallel
 from alexnet import prefetch
@@ -109,6 +110,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Experiment:
   """Checks the config against the devices and reads the dataset's sizes."""
   layout = _create_layout(config)
   config_checks.validate(config, layout)
+  finetune.validate(config)
   info = input_pipeline.get_dataset_info(config)
   return _Experiment(
       config, os.path.abspath(workdir), layout, info,
@@ -135,6 +137,10 @@ def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
   model = steps.create_model(config, experiment.info.num_classes)
   like = jax.eval_shape(functools.partial(steps.initial_tree, config, model))
   restored = store.restore(like, experiment.signature, step)
+  if restored is None and config.init_from:
+    logging.info('Starting in %s from the parameters of %s.',
+                 experiment.workdir, config.init_from)
+    return finetune.initial_state(config, model)
   if restored is None:
     logging.info('Starting from scratch in %s.', experiment.workdir)
     return steps.create_train_state(config, model)

@@ -72,17 +72,34 @@ def make_optimizer(config: ml_collections.ConfigDict,
   The chain holds no learning-rate state, so `learning_rate` can be a traced
   argument of the train step: a drop does not recompile.
 
+  Fine-tuning (config.reinit with config.reinit_lr_multiplier m != 1):
+  the re-initialised layers' step is scaled before the momentum, as Caffe's
+  lr_mult does: v <- momentum * v - m * lr * (grad + weight_decay * w).
+
   Args:
-    config: uses momentum and weight_decay.
+    config: uses momentum and weight_decay; reinit and
+      reinit_lr_multiplier where the config has them.
     learning_rate: the current learning rate.
 
   Returns:
     The optax transformation.
   """
+  multiplier = config.get('reinit_lr_multiplier', 1.0)
+  multiplied = ()
+  if config.get('reinit') and multiplier != 1.0:
+    multiplied = (optax.masked(optax.scale(multiplier),
+                               functools.partial(layer_mask, config.reinit)),)
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(learning_rate),
+      *multiplied,
       optax.trace(decay=config.momentum))
+
+
+def layer_mask(layers: tuple[str, ...], params: PyTree) -> PyTree:
+  """True for every leaf of the named top-level layers (e.g. 'fc8')."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: path[0].key in layers, params)
 
 
 def initial_tree(config: ml_collections.ConfigDict,

@@ -136,6 +136,27 @@ def paper_config() -> ml_collections.ConfigDict:
   # replica shuffles its own slice of the data in windows of an equal share
   # (at least 1,024 examples; docs/REFERENCE.md, Data order).
   config.shuffle_buffer = 16_384
+  # Train and evaluate on these classes only, e.g. (5, 6, 7, 8, 9): the
+  # labels become 0..len-1 in the order given (every split). () keeps all.
+  config.classes = ()
+  # Keep only the first N examples of each class of the split(s)
+  # train_split reads, in the split's order (so every seed sees the same
+  # N); e.g. 100 for a few-shot training set. 0 keeps all.
+  config.train_examples_per_class = 0
+
+  # --- Fine-tuning (README, Fine-tuning) ------------------------------------
+  # Start a new run from a checkpoint: a workdir (its latest checkpoint),
+  # its checkpoints/ folder, or one step of it (<workdir>/checkpoints/1200).
+  # Only the parameters are taken; the step and optimizer start fresh.
+  # Resuming the new run resumes from its own workdir. '' trains from
+  # scratch.
+  config.init_from = ''
+  # Layers (e.g. ('fc8',)) initialised afresh instead of copied: those whose
+  # shapes change with a new class count.
+  config.reinit = ()
+  # Learning-rate multiplier of the re-initialised layers (Caffe's
+  # fine-tuning recipe: 10). 1 trains every layer alike.
+  config.reinit_lr_multiplier = 1.0
 
   # --- Model ----------------------------------------------------------------
   # Channel multiplier for every layer (1.0 = the paper's 48/128/192/192/128
