@@ -3,10 +3,11 @@
 A checkpoint's step is also its position in the data: the input pipeline is
 a deterministic function of the seed, the global batch size, the number of
 data-parallel replicas (each reads its own slice of the training split),
-the dataset and split, and the image sizes. Resuming with any of them
-changed would silently continue on another stream, so a resume compares
-them with those the checkpoint was written with (its meta['recipe']) and
-refuses a change in one line naming the fields and how to go on on purpose.
+the dataset, split, class subset and few-shot limit, and the image sizes.
+Resuming with any of them changed would silently continue on another
+stream, so a resume compares them with those the checkpoint was written with
+(its meta['recipe']) and refuses a change in one line naming the fields and
+how to go on on purpose.
 
 Checkpoints written before the recipe was recorded carry none: they resume
 with a warning that the recipe could not be checked. Refusing them would
@@ -40,7 +41,10 @@ def recipe(config: ml_collections.ConfigDict,
           'num_replicas': num_replicas, 'dataset': config.dataset,
           'train_split': config.train_split,
           'image_size': config.image_size,
-          'resize_size': config.resize_size}
+          'resize_size': config.resize_size,
+          # Lists, as JSON gives them back.
+          'classes': list(config.classes),
+          'train_examples_per_class': config.train_examples_per_class}
 
 
 def check(meta: dict[str, Any], current: dict[str, Any], workdir: str,

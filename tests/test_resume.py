@@ -43,7 +43,8 @@ def test_the_recipe_names_every_field_of_the_data_stream(tiny):
   current = recipe.recipe(config, num_replicas=2)
   assert current == {'seed': 0, 'batch_size': 8, 'num_replicas': 2,
                      'dataset': 'digits', 'train_split': 'train',
-                     'image_size': 67, 'resize_size': 76}
+                     'image_size': 67, 'resize_size': 76, 'classes': [],
+                     'train_examples_per_class': 0}
   assert recipe.check({recipe.KEY: current}, current, 'w', 5) is None
   with pytest.raises(errors.WorkdirError, match='num_replicas 2 -> 4'):
     recipe.check({recipe.KEY: current}, recipe.recipe(config, 4), 'w', 5)
