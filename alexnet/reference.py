@@ -6,8 +6,14 @@ Architecture); the one-tower net (`towers=1`) is the same net with one
 group of half the kernels. This module
 writes that net with stock Flax layers and `feature_group_count=2`, with an
 LRN computed differently from `model.local_response_norm`, so that the tower
-model can be checked against it. It has no dropout and is not the fast path
-(XLA's grouped convolutions are slow on CPU).
+model can be checked against it. It is not the fast path (XLA's grouped
+convolutions are slow on CPU).
+
+It also trains: `train_step` is the paper's SGD rule written out by hand
+(section 5: momentum, weight decay on kernels, the learning rate inside the
+velocity), with dropout masks derived from (seed, step, replica, global
+tower) as the training step promises, over all replicas' images at once.
+The tests run `steps.train_step` under every device layout against it.
 """
 
 import math
@@ -48,9 +54,10 @@ class GroupedAlexNet(nn.Module):
   lrn_size: int = 5
   lrn_alpha: float = 1e-4
   lrn_beta: float = 0.75
+  dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, images: Array) -> Array:
+  def __call__(self, images: Array, train: bool = False) -> Array:
     towers = self.groups
     ch = {name: towers * max(1, round(c * self.width))
           for name, c in tower_model.TOWER_CHANNELS.items()}
@@ -75,10 +82,28 @@ class GroupedAlexNet(nn.Module):
     x = nn.relu(nn.Conv(ch['conv5'], (3, 3), padding=pad1,
                         feature_group_count=towers, name='conv5')(x))
     x = pool(x).reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(ch['fc6'], name='fc6')(x))
-    x = nn.relu(nn.Dense(ch['fc7'], name='fc7')(x))
+    x = self._dropout(nn.relu(nn.Dense(ch['fc6'], name='fc6')(x)), train)
+    x = self._dropout(nn.relu(nn.Dense(ch['fc7'], name='fc7')(x)), train)
     fc8_features = towers * math.ceil(self.num_classes / towers)
     return nn.Dense(fc8_features, name='fc8')(x)[:, :self.num_classes]
+
+  def _dropout(self, x: Array, train: bool) -> Array:
+    """Group g's units keep a Bernoulli mask drawn from fold_in(rng, g).
+
+    `rng` is this layer's draw from the 'dropout' stream (Flax numbers the
+    draws of a module in call order), so group g of this net and global
+    tower g of the tower model get the same mask wherever that tower runs.
+    """
+    if not train or self.dropout_rate == 0.0:
+      return x
+    rng = self.make_rng('dropout')
+    keep = 1.0 - self.dropout_rate
+    units = x.shape[-1] // self.groups
+    mask = jnp.concatenate(
+        [jax.random.bernoulli(jax.random.fold_in(rng, g), keep,
+                              (x.shape[0], units))
+         for g in range(self.groups)], axis=-1)
+    return x * mask / keep
 
 
 def _merge_towers(leaf: Any) -> Any:
@@ -100,3 +125,61 @@ def to_grouped(tower_params: Any) -> Any:
 def from_grouped(grouped_params: Any, towers: int = 2) -> Any:
   """Maps `GroupedAlexNet` parameters to stacked tower parameters."""
   return jax.tree.map(lambda leaf: _split_towers(leaf, towers), grouped_params)
+
+
+def dropout_key(seed: int, step: int | Array, replica: int) -> Array:
+  """The dropout key of `replica` at `step`: seed, step, replica folded in."""
+  return jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(seed), step), replica)
+
+
+def momentum_sgd(params: Any, velocity: Any, grads: Any,
+                 learning_rate: float | Array, momentum: float,
+                 weight_decay: float) -> tuple[Any, Any]:
+  """The paper's update, leaf by leaf; biases are not decayed.
+
+  v <- momentum * v - weight_decay * lr * w - lr * g;  w <- w + v.
+
+  Returns:
+    (new params, new velocity).
+  """
+  def update(path, w, v, g):
+    decay = weight_decay if path[-1].key == 'kernel' else 0.0
+    return momentum * v - decay * learning_rate * w - learning_rate * g
+  velocity = jax.tree_util.tree_map_with_path(update, params, velocity, grads)
+  return jax.tree.map(lambda w, v: w + v, params, velocity), velocity
+
+
+def train_step(net: GroupedAlexNet, params: Any, velocity: Any,
+               images: Array, labels: Array, learning_rate: float | Array,
+               step: int | Array, *, seed: int, momentum: float,
+               weight_decay: float) -> tuple[Any, Any, Array]:
+  """One step of data-parallel training, all replicas here.
+
+  Args:
+    net: the grouped net (with its dropout rate).
+    params, velocity: grouped parameters and their momentum.
+    images, labels: [replicas, per replica, ...]: replica r's batch.
+    learning_rate: this step's rate.
+    step: the global step (keys dropout).
+    seed: the run's seed (keys dropout).
+    momentum, weight_decay: the update's constants.
+
+  Returns:
+    (params, velocity, loss): the loss is the mean of the replicas' mean
+    cross-entropies, and its gradient the mean of theirs.
+  """
+  def loss_fn(p):
+    losses = []
+    for replica in range(images.shape[0]):
+      logits = net.apply({'params': p}, images[replica], train=True,
+                         rngs={'dropout': dropout_key(seed, step, replica)})
+      log_probs = jax.nn.log_softmax(logits)
+      losses.append(-jnp.take_along_axis(
+          log_probs, labels[replica][:, None], axis=-1).mean())
+    return jnp.mean(jnp.stack(losses))
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  params, velocity = momentum_sgd(params, velocity, grads, learning_rate,
+                                  momentum, weight_decay)
+  return params, velocity, loss

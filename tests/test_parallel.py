@@ -1,11 +1,17 @@
-"""The tower model under every device layout equals the grouped oracle.
+"""The real training step under every device layout equals the grouped oracle.
 
 Runs with four fake CPU devices (conftest.py): one device (both towers
 unrolled), two devices (one tower each), four devices (two replicas of a
-tower pair) and, for data parallelism alone, two devices holding both towers;
-each with both convolution implementations, XLA's (what GPUs and TPUs run)
-and the CPU's patch matmuls.
+tower pair) and, for data parallelism alone, two devices holding both towers
+(also with the one-tower net). On each, three real training steps, dropout
+on, are compared with alexnet/reference.py's grouped net trained by the
+paper's rule written out by hand: `steps.train_step` mapped as training maps
+it, with XLA's convolutions (what GPUs and TPUs run), and the step training
+runs, `steps.map_train_step` (uint8 in, normalised on the device), with the
+CPU's patch matmuls.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +19,16 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet import errors, model, parallel, reference
+from alexnet import errors, parallel, reference, steps
+from configs import alexnet as configs
 
-NET = dict(num_classes=10, width=0.125)
-BATCH, SIZE, LR = 8, 67, 0.01
+NET = dict(num_classes=10, width=0.125)  # The tiny config's net.
+BATCH, SIZE, RESIZE = 8, 67, 76
 # (devices, model_parallel) -> replicas; the last is data parallel only.
 LAYOUTS = [(1, True), (2, True), (4, True), (2, False)]
-CONV_IMPLS = ['xla', 'patches']
+# (global step, learning rate) of the three steps: the rate drops before the
+# last, which tells a rate inside the velocity from one outside it.
+STEP_PLAN = ((5, 0.05), (6, 0.05), (7, 0.005))
 
 
 def _layout(num_devices, model_parallel, towers=2):
@@ -28,95 +37,118 @@ def _layout(num_devices, model_parallel, towers=2):
                                 towers=towers)
 
 
-def _data(seed=0):
-  key_x, key_y = jax.random.split(jax.random.key(seed))
-  images = 50.0 * jax.random.normal(key_x, (BATCH, SIZE, SIZE, 3))
-  labels = jax.random.randint(key_y, (BATCH,), 0, NET['num_classes'])
-  return np.asarray(images), np.asarray(labels)
+@functools.cache
+def _initial_state(towers=2):
+  """The tiny net's step-0 state (the same for every layout and conv_impl)."""
+  config = _train_config(towers, 'xla')
+  return steps.create_train_state(
+      config, steps.create_model(config, NET['num_classes']))
 
 
 def _init_params(towers=2):
-  net = model.AlexNet(**NET, init_scheme='caffe', towers=towers)
-  return net.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                  train=False)['params']
+  return _initial_state(towers).params
 
 
-def _split_for_replicas(layout, x):
-  return x.reshape(layout.num_local_replicas, -1, *x.shape[1:])
+# --- Three real training steps against the oracle ---------------------------
 
 
-def _oracle_loss(grouped, images, labels, towers=2):
-  logits = reference.GroupedAlexNet(**NET, groups=towers).apply(
-      {'params': grouped}, images)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _train_config(towers, conv_impl):
+  """The tiny net, with a weight decay large enough to show in 3 steps."""
+  config = configs.get_config('tiny')
+  config.update(towers=towers, conv_impl=conv_impl, seed=7,
+                weight_decay=0.05)
+  return config
 
 
-def _mapped_sgd_step(layout, conv_impl):
-  """A plain SGD step through the layout's mapped gradient."""
-  net = model.AlexNet(**NET, init_scheme='caffe', towers=layout.num_towers,
-                      conv_impl=conv_impl, exchange=layout.exchange)
-
-  def loss_fn(params, images, labels):
-    logits = net.apply({'params': params}, images, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss.mean(), None
-
-  def step(params, images, labels):
-    loss, _, grads = layout.grad(loss_fn)(params, images, labels)
-    new = jax.tree.map(lambda p, g: p - LR * g, params, grads)
-    return layout.mean_over_replicas(loss), grads, new
-  return layout.pmap(step, out_axes=(None, 0, 0))
+def _uint8_batch(num_replicas, index):
+  """One global batch as the input pipeline sends it, [replicas, b, ...]."""
+  rng = np.random.default_rng(index)
+  shape = (num_replicas, BATCH // num_replicas)
+  return {'image': rng.integers(0, 256, (*shape, SIZE, SIZE, 3), np.uint8),
+          'offset': rng.integers(0, RESIZE - SIZE + 1, (*shape, 2),
+                                 np.int32),
+          'flip': rng.random(shape) < 0.5,
+          'shift': rng.normal(0, 20, (*shape, 3)).astype(np.float32),
+          'label': rng.integers(0, NET['num_classes'], shape, np.int32)}
 
 
-@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
-@pytest.mark.parametrize('num_devices,model_parallel', LAYOUTS)
-def test_forward_equals_grouped_oracle(num_devices, model_parallel,
-                                       conv_impl):
-  layout = _layout(num_devices, model_parallel)
-  params = _init_params()
-  images, _ = _data()
-  net = model.AlexNet(**NET, conv_impl=conv_impl, exchange=layout.exchange)
-  forward = layout.pmap(lambda p, x: net.apply({'params': p}, x, train=False))
-  logits = forward(layout.shard_towers(params),
-                   layout.shard_batch(_split_for_replicas(layout, images)))
-  # Both devices of a pair return the whole logits; keep one per replica.
-  logits = np.asarray(logits)[::layout.devices_per_replica].reshape(BATCH, -1)
-  want = reference.GroupedAlexNet(**NET).apply(
-      {'params': reference.to_grouped(params)}, images)
-  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+def _normalised(batch, mean_image):
+  """Numpy: crop - its (reflected) window of the mean image + shift."""
+  flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+  images = []
+  for image, (top, left), flip, shift in zip(
+      flat['image'], flat['offset'], flat['flip'], flat['shift']):
+    mean = mean_image[top:top + SIZE, left:left + SIZE]
+    images.append(image - (mean[:, ::-1] if flip else mean) + shift)
+  return np.stack(images).astype(np.float32).reshape(batch['image'].shape)
 
 
-@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
+@functools.cache
+def _oracle_step(towers, dropout_rate, seed, momentum, weight_decay):
+  net = reference.GroupedAlexNet(**NET, groups=towers,
+                                 dropout_rate=dropout_rate)
+  return jax.jit(functools.partial(
+      reference.train_step, net, seed=seed, momentum=momentum,
+      weight_decay=weight_decay))
+
+
+def _real_step(config, layout, mapped):
+  """The step as training maps it: (state, batch, [mean,] lr, step)."""
+  net = steps.create_model(config, NET['num_classes'], layout.exchange)
+  if mapped:
+    return steps.map_train_step(net, layout, config)
+  return layout.pmap(
+      functools.partial(steps.train_step, model=net, layout=layout,
+                        config=config),
+      in_axes=(0, 0, None, None), out_axes=(0, None))
+
+
+@pytest.mark.parametrize('mapped,conv_impl', [(False, 'xla'),
+                                              (True, 'patches')])
 @pytest.mark.parametrize('num_devices,model_parallel,towers',
                          [(*layout, 2) for layout in LAYOUTS]
                          + [(1, True, 1), (2, False, 1)])
-def test_three_sgd_steps_equal_grouped_oracle(num_devices, model_parallel,
-                                              towers, conv_impl):
-  """Catches the doubled gradient of a differentiated all-gather.
+def test_three_train_steps_equal_grouped_oracle(num_devices, model_parallel,
+                                                towers, mapped, conv_impl):
+  """Parameters, momentum and loss after each of three real steps.
 
-  The one-tower net (towers=1) is checked against the oracle with one group,
-  on one device and data-parallel on two.
+  Dropout is on, so each replica's masks must be keyed by (seed, step,
+  replica, global tower) whatever device holds the tower; the pair layouts
+  catch a doubled gradient of a differentiated all-gather; the one-tower
+  net (towers=1) is checked against the oracle with one group.
   """
+  config = _train_config(towers, conv_impl)
   layout = _layout(num_devices, model_parallel, towers)
-  params = _init_params(towers)
-  grouped = reference.to_grouped(params)
-  device_params = layout.shard_towers(params)
-  step = _mapped_sgd_step(layout, conv_impl)
-  oracle_grad = jax.jit(jax.value_and_grad(
-      lambda *args: _oracle_loss(*args, towers=towers)))
-  for seed in range(3):
-    images, labels = _data(seed)
-    loss, grads, device_params = step(
-        device_params,
-        layout.shard_batch(_split_for_replicas(layout, images)),
-        layout.shard_batch(_split_for_replicas(layout, labels)))
-    want_loss, want_grads = oracle_grad(grouped, images, labels)
-    grouped = jax.tree.map(lambda p, g: p - LR * g, grouped, want_grads)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    _assert_trees_close(layout.gather_towers(grads),
-                        reference.from_grouped(want_grads, towers))
-  _assert_trees_close(layout.gather_towers(device_params),
-                      reference.from_grouped(grouped, towers))
+  state = _initial_state(towers)
+  device_state = layout.shard_towers({'params': state.params,
+                                      'opt_state': state.opt_state})
+  real_step = _real_step(config, layout, mapped)
+  oracle_step = _oracle_step(towers, config.dropout_rate, config.seed,
+                             config.momentum, config.weight_decay)
+  grouped = reference.to_grouped(state.params)
+  velocity = jax.tree.map(jnp.zeros_like, grouped)
+  mean_image = np.random.default_rng(99).uniform(
+      0, 255, (RESIZE, RESIZE, 3)).astype(np.float32)
+  for index, (step, lr) in enumerate(STEP_PLAN):
+    batch = _uint8_batch(layout.num_replicas, index)
+    images = _normalised(batch, mean_image)
+    if mapped:
+      device_state, metrics = real_step(
+          device_state, layout.shard_batch(batch),
+          layout.replicate(mean_image), lr, step)
+    else:
+      device_state, metrics = real_step(
+          device_state,
+          layout.shard_batch({'image': images, 'label': batch['label']}),
+          lr, step)
+    grouped, velocity, loss = oracle_step(grouped, velocity, images,
+                                          batch['label'], lr, step)
+    np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+    got = layout.gather_towers(device_state)
+    _assert_trees_close(got['params'],
+                        reference.from_grouped(grouped, towers))
+    _assert_trees_close(optax.tree_utils.tree_get(got['opt_state'], 'trace'),
+                        reference.from_grouped(velocity, towers))
 
 
 def _assert_trees_close(got, want):
@@ -151,23 +183,6 @@ def test_towers_round_trip_through_devices(num_devices, model_parallel):
   params = _init_params()
   back = layout.gather_towers(layout.shard_towers(params))
   jax.tree.map(np.testing.assert_array_equal, back, params)
-
-
-def test_dropout_masks_do_not_depend_on_the_layout():
-  """Dropout keys fold in the global tower, never the device."""
-  params = _init_params()
-  images, _ = _data()
-  outputs = []
-  for layout in (_layout(1, True), _layout(2, True)):
-    net = model.AlexNet(**NET, exchange=layout.exchange)
-    forward = layout.pmap(
-        lambda p, x, key, net=net: net.apply(
-            {'params': p}, x, train=True, rngs={'dropout': key}),
-        in_axes=(0, 0, None))
-    out = forward(layout.shard_towers(params),
-                  layout.shard_batch(images[None]), jax.random.key(3))
-    outputs.append(np.asarray(out)[0])
-  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_model_parallel_refuses_an_odd_device_count():

@@ -17,6 +17,8 @@ CITED_PATH = re.compile(r'(?<![\w./-])((?:\.\./|[\w-]+/)*[\w-]+\.(?:py|md))\b')
 # Project notes live in docs/; citing them anywhere else (or outside the
 # repository) leaves a reader of a clone with a dead reference.
 NOTES = ('REFERENCE.md', 'ENGINEERING.md', 'DESIGN.md')
+# The applications built on the library: alexnet/ must never import them.
+APPLICATIONS = ('main', 'train', 'input_pipeline', 'experiments', 'bench')
 
 
 def _read(repo, path):
@@ -85,3 +87,60 @@ def test_modules_and_library_functions_are_short(repo):
       if length > MAX_FUNCTION_LINES and (path, name) not in LONG_BY_DESIGN:
         long_functions.append(f'{path}: {name}, {length} lines')
   assert not long_modules + long_functions, long_modules + long_functions
+
+
+def _imported_names(tree):
+  """Every absolute module name `tree` imports, wherever the import sits.
+
+  `import a.b`, `from a.b import c` (in functions too) and
+  `importlib.import_module('a.b')` / `__import__('a.b')` with a literal name.
+  """
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      yield node.module
+    elif (isinstance(node, ast.Call) and node.args
+          and isinstance(node.args[0], ast.Constant)
+          and isinstance(node.args[0].value, str)
+          and ast.unparse(node.func) in ('importlib.import_module',
+                                         '__import__')):
+      yield node.args[0].value
+
+
+def _library_imports_of_applications(root):
+  """'path:line' of each import of an application under root/alexnet/."""
+  found = []
+  for folder, _, files in os.walk(os.path.join(root, 'alexnet')):
+    for name in sorted(f for f in files if f.endswith('.py')):
+      path = os.path.join(folder, name)
+      for module in _imported_names(ast.parse(_read(root, path), path)):
+        if module.split('.')[0] in APPLICATIONS:
+          found.append(f'{os.path.relpath(path, root)}: {module}')
+  return found
+
+
+def test_the_library_never_imports_the_applications(repo):
+  assert not _library_imports_of_applications(repo), (
+      'alexnet/ must not import main, train, input_pipeline, experiments or '
+      f'bench: {_library_imports_of_applications(repo)}')
+
+
+def test_the_import_check_finds_every_form_of_import(tmp_path):
+  planted = {
+      'alexnet/clean.py': 'import jax\nfrom alexnet import model\n'
+                          'from . import steps\nimport trainer\n',
+      'alexnet/a.py': 'import main\n',
+      'alexnet/b.py': 'def f():\n  from train import x\n  return x\n',
+      'alexnet/data/c.py': 'import experiments.figure1 as f\n',
+      'alexnet/d.py': 'import importlib\n'
+                      "m = importlib.import_module('input_pipeline')\n",
+      'alexnet/e.py': 'from bench.resume import run\n',
+  }
+  for path, source in planted.items():
+    os.makedirs(tmp_path / os.path.dirname(path), exist_ok=True)
+    (tmp_path / path).write_text(source)
+  assert sorted(_library_imports_of_applications(str(tmp_path))) == [
+      'alexnet/a.py: main', 'alexnet/b.py: train',
+      'alexnet/d.py: input_pipeline', 'alexnet/data/c.py: experiments.figure1',
+      'alexnet/e.py: bench.resume']

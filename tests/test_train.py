@@ -1,4 +1,8 @@
-"""Training end to end, resume, evaluating a checkpoint, optimizer, plateau."""
+"""Training end to end, evaluating a checkpoint, main.py, optimizer, plateau.
+
+Resuming (== an uninterrupted run) is tested in test_faults.py, on runs
+stopped by signals and kills.
+"""
 
 import glob
 import math
@@ -24,6 +28,7 @@ from alexnet import schedule
 from alexnet import steps
 from configs import alexnet as configs
 import input_pipeline
+import main
 import train
 
 
@@ -56,56 +61,36 @@ def _assert_finished_run(workdir, steps):
 
 @pytest.fixture(scope='module')
 def trained(tiny, tmp_path_factory):
-  """A finished 4-step run on two devices (one tower each): (config, dir)."""
+  """A finished 4-step run on two devices (one tower each), the learning
+  rate dropped by a fixed epoch from the third step on: (config, dir)."""
   workdir = str(tmp_path_factory.mktemp('two_devices'))
   config = tiny(num_devices=2)
+  per_epoch = input_pipeline.steps_per_epoch(
+      config, input_pipeline.get_dataset_info(config), num_replicas=1)
+  config.lr_drop_epochs = (2 / per_epoch,)
   state = train.train_and_evaluate(config, workdir)
   assert state.step == 4
   return config, workdir
 
 
-def test_end_to_end_two_devices(trained):
+def test_end_to_end_two_devices_with_a_fixed_lr_drop(trained):
   config, workdir = trained
   _assert_finished_run(workdir, steps=4)
   assert train.planned_steps(config) == 4
-
-
-def test_end_to_end_one_device_with_a_fixed_lr_drop(tiny, tmp_path):
-  config = tiny(num_devices=1)
-  per_epoch = input_pipeline.steps_per_epoch(
-      config, input_pipeline.get_dataset_info(config), num_replicas=1)
-  config.lr_drop_epochs = (2 / per_epoch,)  # From the third step on.
-  state = train.train_and_evaluate(config, str(tmp_path))
-  _assert_finished_run(str(tmp_path), steps=4)
-  assert state.params['conv1']['kernel'].shape[0] == 2  # Both towers.
   lr = config.learning_rate  # Logged after each step, at its 1-based count.
-  assert _scalars(str(tmp_path))['train/lr'] == pytest.approx(
+  assert _scalars(workdir)['train/lr'] == pytest.approx(
       {1: lr, 2: lr, 3: lr / 10, 4: lr / 10})
 
 
-def test_end_to_end_mock_imagenet(tiny, testdata, tmp_path):
+def test_end_to_end_one_device_mock_imagenet(tiny, testdata, tmp_path):
   config = tiny(data_dir=str(tmp_path / 'data'), dataset='imagenet2012',
-                train_split='train', eval_split='validation', num_devices=2,
+                train_split='train', eval_split='validation', num_devices=1,
                 num_train_steps=2, pca_stats='imagenet')
   with tfds.testing.mock_data(num_examples=16, data_dir=testdata,
                               policy=tfds.testing.MockPolicy.USE_FILES):
     state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   _assert_finished_run(str(tmp_path / 'run'), steps=2)
   assert state.params['fc8']['kernel'].shape[-1] == 500  # 1000 classes.
-
-
-def test_resume_equals_uninterrupted(tiny, tmp_path):
-  """2 steps, restart, 2 more == 4 straight (4 devices: 2 replicas x 2)."""
-  config = tiny(num_devices=4)
-  interrupted, straight = str(tmp_path / 'a'), str(tmp_path / 'b')
-  train.train_and_evaluate(tiny(num_devices=4, num_train_steps=2),
-                           interrupted)
-  resumed = train.train_and_evaluate(config, interrupted)
-  uninterrupted = train.train_and_evaluate(config, straight)
-  assert resumed.step == uninterrupted.step == 4
-  jax.tree.map(np.testing.assert_array_equal,
-               (resumed.params, resumed.opt_state),
-               (uninterrupted.params, uninterrupted.opt_state))
 
 
 def test_incompatible_checkpoint_is_refused_untouched(trained):
@@ -140,45 +125,36 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, tmp_path):
 # --- Evaluating a checkpoint without training (main.py --mode=eval) --------
 
 
-def test_eval_mode_equals_the_runs_own_evaluation(trained):
-  """The last checkpoint, restored on another layout (one device), scores
-  what the run logged when it evaluated the same parameters."""
+def test_eval_mode_prints_the_runs_own_evaluation(trained, monkeypatch,
+                                                 capsys):
+  """main.py --mode=eval restores the last checkpoint on another layout
+  (one device), scores what the run logged when it evaluated the same
+  parameters, and prints each crop's errors. (Which checkpoint 'best',
+  'latest' or a step finds: test_checkpoints.py.)"""
   config, workdir = trained
   logged = _scalars(workdir)
   config = config.copy_and_resolve_references()
   config.num_devices = 1
-  step, results = train.evaluate_checkpoint(config, workdir)
-  assert step == 4
-  assert set(results) == {'eval'}
-  for name in ('centre_top1_error', 'centre_top5_error', 'centre_loss',
-               'ten_crop_top1_error', 'ten_crop_top5_error', 'ten_crop_loss'):
-    assert results['eval'][name] == pytest.approx(
-        logged[f'eval/{name}'][4], rel=1e-5), name
-  # Only the last step was evaluated, so it is also the best; step 2 is
-  # kept as the other latest checkpoint.
-  assert train.evaluate_checkpoint(config, workdir, 'best')[0] == 4
-  assert train.evaluate_checkpoint(config, workdir, '2')[0] == 2
-  with pytest.raises(errors.WorkdirError, match=r'step 3 .*\[2, 4\]'):
-    train.evaluate_checkpoint(config, workdir, '3')
-
-
-def test_main_eval_mode_prints_errors_or_explains_an_empty_workdir(
-    repo, trained, tmp_path):
-  config, workdir = trained
-  flags = ['--config=configs/alexnet.py:tiny',
-           f'--config.data_dir={config.data_dir}',
-           '--config.num_devices=2', '--mode=eval']
-  result = _main(repo, *flags, f'--workdir={workdir}', '--checkpoint=best')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'Checkpoint of step 4 in {workdir}' in result.stdout
+  evaluations = []
+  evaluate = train.evaluate_checkpoint
+  monkeypatch.setattr(train, 'evaluate_checkpoint',
+                      lambda *args: evaluations.append(evaluate(*args))
+                      or evaluations[-1])
+  main.run(config, workdir, mode='eval', checkpoint='latest')
+  [(step, results)] = evaluations
+  assert step == 4 and set(results) == {'eval'}
+  printed = capsys.readouterr().out
+  assert f'Checkpoint of step 4 in {workdir}:' in printed
   for crop in ('centre', 'ten_crop'):
-    assert re.search(f'eval +{crop} +top-1 error +[0-9.]+%  top-5 error',
-                     result.stdout), result.stdout
-  empty = _main(repo, *flags, f'--workdir={tmp_path}/none')
-  assert empty.returncode == 1
-  assert 'error: No checkpoint in' in empty.stderr, empty.stderr[-3000:]
-  assert 'Traceback' not in empty.stderr
-  assert not os.path.exists(tmp_path / 'none')
+    for name in ('top1_error', 'top5_error', 'loss'):
+      assert results['eval'][f'{crop}_{name}'] == pytest.approx(
+          logged[f'eval/{crop}_{name}'][4], rel=1e-5), (crop, name)
+    metrics = {k: results['eval'][f'{crop}_{k}']
+               for k in ('top1_error', 'top5_error', 'loss')}
+    assert (f"eval     {crop:8s} top-1 error "
+            f"{100 * metrics['top1_error']:6.2f}%  top-5 error "
+            f"{100 * metrics['top5_error']:6.2f}%  loss "
+            f"{metrics['loss']:.4f}") in printed, printed
 
 
 # --- Optimizer and schedule ---------------------------------------------------
@@ -271,21 +247,49 @@ def test_flat_loss_warns_once_naming_the_cause_and_the_field():
 
 
 @pytest.mark.parametrize('overrides,message', [
-    (dict(batch_size=5, num_devices=4), 'batch_size=5 must be divisible'),
-    (dict(image_size=66, resize_size=70), 'at least 67'),
-    (dict(num_devices=3, model_parallel=True), 'odd number'),
-    (dict(checkpoint_every_steps=0), 'checkpoint_every_steps=0 must be'),
-    (dict(eval_every_epochs=-1.0), 'eval_every_epochs=-1.0 must be'),
-    (dict(init_scheme='xavier'), 'init_scheme'),
+    (dict(batch_size=5),
+     'config.batch_size=5 must be divisible by the 2 data-parallel'),
+    (dict(image_size=66, resize_size=70),
+     'config.image_size=66 is too small.*use at least 67'),
+    (dict(num_devices=3), 'has 3 devices, an odd number'),
+    (dict(dataset='no_such_dataset'), "Unknown dataset 'no_such_dataset'"),
+    (dict(dataset='imagenet2012', data_dir='{tmp}/data'),
+     'ILSVRC2012_img_train.tar'),
+    (dict(checkpoint_every_steps=0),
+     'config.checkpoint_every_steps=0 must be positive'),
+    (dict(eval_every_epochs=-1.0),
+     'config.eval_every_epochs=-1.0 must be positive'),
+    (dict(log_every_steps=-5), 'config.log_every_steps=-5 must be positive'),
+    (dict(num_processes=2),
+     'missing: config.coordinator_address, config.process_id'),
+    (dict(init_scheme='xavier'), 'config.init_scheme=.xavier.: choose one'),
     (dict(lr_drop_epochs=(0.01, 0.005)), 'must be increasing epochs'),
     (dict(lr_drop_epochs=(1000.0,)), 'inside the run'),
 ])
-def test_bad_configs_are_refused_before_any_work(tiny, tmp_path, overrides,
-                                                 message):
+def test_bad_config_exits_with_its_message_before_any_work(
+    tiny, tmp_path, overrides, message):
+  """main.py's refusal, run here (after flag parsing) to save a process:
+  the message Python prints as one line before exiting with status 1."""
+  overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+               for k, v in overrides.items()}
   workdir = tmp_path / 'run'
-  with pytest.raises(errors.ConfigError, match=message):
-    train.train_and_evaluate(tiny(**overrides), str(workdir))
+  code = _main_in_process(tiny(**overrides), workdir)
+  assert isinstance(code, str) and re.match(f'error: .*{message}', code), code
   assert not workdir.exists()
+
+
+def test_eval_of_an_empty_workdir_explains_and_creates_nothing(tiny,
+                                                               tmp_path):
+  code = _main_in_process(tiny(), tmp_path / 'none', mode='eval')
+  assert isinstance(code, str) and code.startswith('error: No checkpoint in')
+  assert not os.path.exists(tmp_path / 'none')
+
+
+def _main_in_process(config, workdir, **kwargs) -> str | int | None:
+  """The SystemExit code of `main.run`: a message for a refusal."""
+  with pytest.raises(SystemExit) as exit_:
+    main.run(config, str(workdir), **kwargs)
+  return exit_.value.code
 
 
 def _main(repo, *args):
@@ -294,14 +298,21 @@ def _main(repo, *args):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_main_overrides_a_field(repo, data_dir, tmp_path):
-  result = _main(repo, '--config=configs/alexnet.py:tiny',
-                 f'--workdir={tmp_path}',
-                 f'--config.data_dir={data_dir}', '--config.num_train_steps=2',
-                 '--config.batch_size=4')
+def test_main_applies_its_flags_and_exits_1_with_one_error_line(
+    repo, data_dir, tmp_path):
+  """Real processes: --config.FIELD overrides reach the run; a refusal
+  (--mode=eval of a step the workdir lacks) is one error line, status 1."""
+  flags = ['--config=configs/alexnet.py:tiny', f'--workdir={tmp_path}',
+           f'--config.data_dir={data_dir}', '--config.num_train_steps=2']
+  result = _main(repo, *flags, '--config.batch_size=4')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'step 2/2' in result.stderr
   assert os.listdir(tmp_path / 'checkpoints') == ['2']
+  refused = _main(repo, *flags, '--mode=eval', '--checkpoint=1')
+  assert refused.returncode == 1, refused.stderr[-3000:]
+  assert re.search(r'^error: .*step 1 .*\[2\]', refused.stderr,
+                   re.M), refused.stderr[-3000:]
+  assert 'Traceback' not in refused.stderr
 
 
 def test_main_refuses_an_unknown_field(repo, tmp_path):
@@ -311,13 +322,3 @@ def test_main_refuses_an_unknown_field(repo, tmp_path):
   assert result.returncode != 0
   assert 'batch_sise' in result.stderr
   assert not os.listdir(tmp_path)
-
-
-def test_main_explains_a_missing_dataset(repo, tmp_path):
-  result = _main(repo, '--config=configs/alexnet.py',
-                 f'--workdir={tmp_path}/run',
-                 f'--config.data_dir={tmp_path}/data')
-  assert result.returncode != 0
-  assert 'ILSVRC2012_img_train.tar' in result.stderr
-  assert 'Traceback' not in result.stderr
-  assert not os.path.exists(tmp_path / 'run')
