@@ -136,8 +136,8 @@ class Checkpoints:
       raise errors.WorkdirError(
           f'The processes see different latest checkpoints in '
           f'{self._manager.directory} ({views}). The workdir must be on a '
-          'filesystem all processes share (e.g. NFS or a GCS bucket), with '
-          'the same --workdir on every process.')
+          'filesystem all processes share (e.g. NFS, or a bucket mounted '
+          'with gcsfuse), with the same --workdir on every process.')
     return step
 
   def best_step(self) -> int | None:

@@ -10,9 +10,11 @@ Throughput counts training alone: time spent in `Reporter.paused` blocks
 (evaluations, checkpoints) is left out of images/s and step time, and
 spread over the remaining steps in the ETA. Durations print with days
 (`2d 03:14:00`), since a paper-sized run lasts about a week.
+`logged_scalars` reads a scalar back from a workdir (benches, experiments).
 """
 
 import contextlib
+import glob
 import math
 import os
 import time
@@ -23,6 +25,7 @@ from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from alexnet import errors
 from alexnet import parallel
@@ -46,6 +49,26 @@ def format_duration(seconds: float) -> str:
   minutes, secs = divmod(rest, 60)
   clock = f'{hours:02d}:{minutes:02d}:{secs:02d}'
   return f'{days}d {clock}' if days else clock
+
+
+def logged_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of a scalar a run wrote to its TensorBoard files.
+
+  Args:
+    workdir: a `train_and_evaluate` workdir.
+    tag: the scalar's name, e.g. 'eval/centre_top1_error'.
+
+  Returns:
+    Every logged value by step, over all of the workdir's event files (a
+    resumed run writes a new file); empty if the scalar was never written.
+  """
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
 
 
 class FlatLossMonitor:

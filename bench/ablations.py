@@ -35,7 +35,6 @@ setting's later seeds reuse its compiled steps.
 import argparse
 import copy
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -49,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet import errors
+from alexnet import reporting
 from configs import alexnet as alexnet_configs
 import train
 
@@ -145,12 +145,7 @@ def final_error(workdir: str, tag: str = ERROR_TAG) -> float:
     Its value at the largest step logged (over all event files, so that a
     resumed run's files count too).
   """
-  values = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
+  values = reporting.logged_scalars(workdir, tag)
   if not values:
     raise ValueError(f'No {tag!r} scalar in {workdir}.')
   return values[max(values)]

@@ -24,7 +24,6 @@ other runs 15-25 minutes.
 """
 
 import argparse
-import glob
 import json
 import os
 
@@ -32,6 +31,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from alexnet import reporting
 from configs import alexnet as alexnet_configs
 import train
 
@@ -70,12 +70,7 @@ def transfer_config(args: argparse.Namespace, seed: int,
 
 def final_scalar(workdir: str, tag: str = METRIC) -> tuple[int, float]:
   """(step, value) of a scalar's last logged value in a workdir's events."""
-  values = {}
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
+  values = reporting.logged_scalars(workdir, tag)
   if not values:
     raise SystemExit(f'No {tag!r} logged in {workdir}.')
   step = max(values)

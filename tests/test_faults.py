@@ -15,8 +15,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -27,10 +25,10 @@ import pytest
 from alexnet import checkpoints
 from alexnet import steps
 import main
+import processes
 import train
 
 STEPS = 12  # checkpoint_every_steps is the tiny variant's 2.
-TIMEOUT = 300  # Seconds any one process may take before the test fails.
 
 
 @pytest.fixture(scope='module')
@@ -61,42 +59,14 @@ def _kill_leftovers():
       process.wait()
 
 
-class _Run:
-  """A main.py (or fault_worker.py) process logging to a file."""
+class _Run(processes.LoggedProcess):
+  """main.py (or fault_worker.py) on the tiny variant for STEPS steps."""
 
-  def __init__(self, repo, data_dir, log, workdir, *flags, devices=4,
-               script='main.py', **env):
-    self.log = log
-    environ = dict(os.environ, JAX_PLATFORMS='cpu',
-                   XLA_FLAGS=f'--xla_force_host_platform_device_count='
-                   f'{devices}', **{k: str(v) for k, v in env.items()})
-    command = [sys.executable, os.path.join(repo, *script.split('/')),
-               '--config=configs/alexnet.py:tiny', f'--workdir={workdir}',
-               f'--config.data_dir={data_dir}',
-               f'--config.num_train_steps={STEPS}', *flags]
-    with open(log, 'w') as out:
-      self.process = subprocess.Popen(command, cwd=repo, env=environ,
-                                      stdout=out, stderr=subprocess.STDOUT)
+  def __init__(self, repo, data_dir, log, workdir, *flags, **kwargs):
+    super().__init__(repo, log, '--config=configs/alexnet.py:tiny',
+                     f'--workdir={workdir}', f'--config.data_dir={data_dir}',
+                     f'--config.num_train_steps={STEPS}', *flags, **kwargs)
     _STARTED.append(self.process)
-
-  def text(self) -> str:
-    with open(self.log) as f:
-      return f.read()
-
-  def wait_for(self, pattern: str) -> None:
-    """Polls the log until `pattern` appears (fails if the process ends)."""
-    deadline = time.monotonic() + TIMEOUT
-    while not re.search(pattern, self.text()):
-      assert self.process.poll() is None, self.text()[-3000:]
-      assert time.monotonic() < deadline, f'no {pattern!r} in the log'
-      time.sleep(0.01)
-
-  def wait(self) -> int:
-    try:
-      return self.process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-      self.process.kill()
-      raise
 
 
 @pytest.fixture

@@ -103,11 +103,16 @@ def _real_step(config, layout, mapped):
       in_axes=(0, 0, None, None), out_axes=(0, None))
 
 
-@pytest.mark.parametrize('mapped,conv_impl', [(False, 'xla'),
-                                              (True, 'patches')])
-@pytest.mark.parametrize('num_devices,model_parallel,towers',
-                         [(*layout, 2) for layout in LAYOUTS]
-                         + [(1, True, 1), (2, False, 1)])
+# The raw step on XLA's convolutions, and the mapped step that training runs
+# (uint8 in) on the CPU's patch convolutions.
+STEP_FORMS = [(False, 'xla'), (True, 'patches')]
+
+
+# Every two-tower layout in both forms; the one-tower net once in each form.
+@pytest.mark.parametrize(
+    'num_devices,model_parallel,towers,mapped,conv_impl',
+    [(*layout, 2, *form) for layout in LAYOUTS for form in STEP_FORMS]
+    + [(1, True, 1, *STEP_FORMS[1]), (2, False, 1, *STEP_FORMS[0])])
 def test_three_train_steps_equal_grouped_oracle(num_devices, model_parallel,
                                                 towers, mapped, conv_impl):
   """Parameters, momentum and loss after each of three real steps.

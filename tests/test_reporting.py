@@ -5,6 +5,7 @@ import re
 import types
 
 from absl import logging
+from clu import metric_writers
 import numpy as np
 import pytest
 
@@ -115,3 +116,16 @@ def test_divergence_stops_the_run_before_its_checkpoint(tiny, tmp_path):
                                   keep=2)
   assert store.latest_step() == diverged - 1
   store.close()
+
+
+def test_logged_scalars_reads_every_event_file_of_a_workdir(tmp_path):
+  # Two writers, as a run and its resumption write two event files.
+  for steps in ((1, 2), (3,)):
+    writer = metric_writers.create_default_writer(str(tmp_path))
+    for step in steps:
+      writer.write_scalars(step, {'eval/error': step / 10, 'other': 7.0})
+    writer.close()
+  assert len(os.listdir(tmp_path)) == 2
+  assert reporting.logged_scalars(str(tmp_path), 'eval/error') == (
+      pytest.approx({1: 0.1, 2: 0.2, 3: 0.3}))
+  assert reporting.logged_scalars(str(tmp_path), 'absent') == {}

@@ -21,10 +21,10 @@ from alexnet import checkpoints
 from alexnet import errors
 from alexnet import workdir
 import main
+import processes
 import train
 
 HOST = socket.gethostname()
-TIMEOUT = 300  # Seconds any one process may take before the test fails.
 
 
 def _forge(held, **fields):
@@ -208,39 +208,6 @@ def test_a_workdir_that_is_a_file_is_one_error_line(tiny, tmp_path):
 # --- Real processes --------------------------------------------------------
 
 
-class _Run:
-  """A main.py (or tests/fault_worker.py) process logging to a file."""
-
-  def __init__(self, repo, log, *flags, script='main.py', **env):
-    self.log = log
-    environ = dict(os.environ, JAX_PLATFORMS='cpu',
-                   XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                   **{k: str(v) for k, v in env.items()})
-    with open(log, 'w') as out:
-      self.process = subprocess.Popen(
-          [sys.executable, os.path.join(repo, *script.split('/')), *flags],
-          cwd=repo, env=environ, stdout=out, stderr=subprocess.STDOUT)
-
-  def text(self) -> str:
-    with open(self.log) as f:
-      return f.read()
-
-  def wait(self) -> int:
-    try:
-      return self.process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-      self.process.kill()
-      raise
-
-
-def _wait_for(run, text):
-  deadline = time.monotonic() + TIMEOUT
-  while text not in run.text():
-    assert run.process.poll() is None, run.text()[-3000:]
-    assert time.monotonic() < deadline, run.text()[-3000:]
-    time.sleep(0.05)
-
-
 def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(
     repo, data_dir, tiny, tmp_path, caplog):
   run_dir = str(tmp_path / 'run')
@@ -248,11 +215,13 @@ def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(
            f'--config.data_dir={data_dir}', '--config.num_train_steps=1000')
   # Slow steps (tests/fault_worker.py) keep the first run training, for
   # as long as the second one needs to start, until it is killed.
-  first = _Run(repo, tmp_path / 'first.log', *flags,
-               script='tests/fault_worker.py', FAULT_STEP_SECONDS=0.5)
+  first = processes.LoggedProcess(
+      repo, tmp_path / 'first.log', *flags, script='tests/fault_worker.py',
+      devices=2, FAULT_STEP_SECONDS=0.5)
   try:
-    _wait_for(first, 'Starting from scratch')  # It holds the lock.
-    second = _Run(repo, tmp_path / 'second.log', *flags)
+    first.wait_for('Starting from scratch')  # It holds the lock.
+    second = processes.LoggedProcess(repo, tmp_path / 'second.log', *flags,
+                                     devices=2)
     assert second.wait() == 1, second.text()[-3000:]
     assert first.process.poll() is None, first.text()[-3000:]
     assert [line for line in second.text().splitlines()
@@ -263,7 +232,7 @@ def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(
                 + f' (lock {run_dir}/checkpoints.lock). Wait for it to end '
                 'or stop it, or use another --workdir.'], second.text()
     assert 'Traceback' not in second.text()
-    _wait_for(first, 'step 2/1000')  # Its first checkpoint is being saved.
+    first.wait_for('step 2/1000')  # Its first checkpoint is being saved.
   finally:
     first.process.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
@@ -287,8 +256,9 @@ def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(
 
 def test_a_misspelt_field_from_a_real_process_is_one_line_exit_1(
     repo, tmp_path):
-  run = _Run(repo, tmp_path / 'typo.log', '--config=configs/alexnet.py:tiny',
-             f'--workdir={tmp_path / "run"}', '--config.batch_szie=16')
+  run = processes.LoggedProcess(
+      repo, tmp_path / 'typo.log', '--config=configs/alexnet.py:tiny',
+      f'--workdir={tmp_path / "run"}', '--config.batch_szie=16', devices=2)
   assert run.wait() == 1
   assert 'Traceback' not in run.text()
   assert [line for line in run.text().splitlines()
