@@ -80,8 +80,7 @@ def test_lrn_matches_the_papers_formula_inside_each_tower(groups):
 @pytest.mark.parametrize('scheme', ['paper', 'caffe'])
 def test_initialization_statistics(scheme):
   net = model.AlexNet(num_classes=1000, width=0.5, init_scheme=scheme)
-  params = net.init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)),
-                    train=False)['params']
+  params = _init(net)['params']
   for name, (std, bias) in model.INITIALIZATIONS[scheme].items():
     kernel = np.asarray(params[name]['kernel'])
     for tower in kernel:  # Each tower drawn with its own key.
@@ -118,29 +117,37 @@ def test_non_positive_pooling_is_refused():
     model.AlexNet(pool_stride=0)
 
 
+def _init(net):
+  """net's variables for 67-pixel inputs, initialised as one compiled call
+  (op by op, a conv net's init costs seconds of dispatch)."""
+  return jax.jit(lambda key: net.init(key, jnp.zeros((1, 67, 67, 3)),
+                                      train=False))(jax.random.key(0))
+
+
+def _evaluate(net, variables, images):
+  return jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, images)
+
+
 def _small_net_and_params(**kwargs):
   net = model.AlexNet(**SMALL, **kwargs)
-  params = net.init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)),
-                    train=False)['params']
-  return net, params
+  return net, _init(net)['params']
 
 
 def test_odd_class_count_gives_exactly_that_many_logits():
   net = model.AlexNet(num_classes=7, width=0.125)
-  variables = net.init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)),
-                       train=False)
+  variables = _init(net)
   assert variables['params']['fc8']['kernel'].shape[-1] == 4
-  assert net.apply(variables, jnp.ones((3, 67, 67, 3)), train=False).shape == (
-      3, 7)
+  assert _evaluate(net, variables, jnp.ones((3, 67, 67, 3))).shape == (3, 7)
 
 
 def test_dropout_rate_and_train_eval_switch():
   net, params = _small_net_and_params(dropout_rate=0.5)
   images = jax.random.normal(jax.random.key(1), (4, 67, 67, 3)) * 50
-  evaluate = lambda: net.apply({'params': params}, images, train=False)
+  evaluate = lambda: _evaluate(net, {'params': params}, images)
   np.testing.assert_array_equal(evaluate(), evaluate())  # Deterministic.
-  train = lambda seed: net.apply({'params': params}, images, train=True,
-                                 rngs={'dropout': jax.random.key(seed)})
+  train = jax.jit(lambda seed: net.apply(
+      {'params': params}, images, train=True,
+      rngs={'dropout': jax.random.key(seed)}))
   assert not np.allclose(train(0), evaluate())
   assert not np.allclose(train(0), train(1))
   np.testing.assert_array_equal(train(0), train(0))
@@ -158,10 +165,9 @@ def test_dropout_rate_and_train_eval_switch():
 def test_bfloat16_compute_keeps_float32_parameters():
   net, params = _small_net_and_params(dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  logits = net.apply({'params': params}, jnp.ones((2, 67, 67, 3)), train=False)
-  reference = model.AlexNet(**SMALL).apply({'params': params},
-                                           jnp.ones((2, 67, 67, 3)),
-                                           train=False)
+  logits = _evaluate(net, {'params': params}, jnp.ones((2, 67, 67, 3)))
+  reference = _evaluate(model.AlexNet(**SMALL), {'params': params},
+                        jnp.ones((2, 67, 67, 3)))
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
 
@@ -280,8 +286,8 @@ def test_lrn_disabled_is_the_identity():
   assert not np.allclose(lrn(True), x)
   _, params = _small_net_and_params()
   images = jax.random.normal(jax.random.key(1), (2, 67, 67, 3)) * 50
-  logits = lambda **kw: model.AlexNet(**SMALL, **kw).apply(
-      {'params': params}, images, train=False)
+  logits = lambda **kw: _evaluate(model.AlexNet(**SMALL, **kw),
+                                  {'params': params}, images)
   assert not np.allclose(logits(lrn_enabled=False), logits())
 
 
