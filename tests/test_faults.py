@@ -157,7 +157,9 @@ def test_two_processes_equal_one_process(reference, start, config, tmp_path):
 def _resume_in_process(workdir, config, reference, step, caplog):
   """Finishes the run here (quicker than a process); it must resume from
   `step` and end exactly where the reference did."""
-  caplog.set_level(logging.INFO)
+  # On absl's own logger: parsing absl flags in an earlier test of this
+  # process (tests/test_workdir.py) may have set it to WARNING.
+  caplog.set_level(logging.INFO, logger='absl')
   state = train.train_and_evaluate(config, workdir)
   assert f'Resuming from step {step} ' in caplog.text
   _, want = reference
