@@ -18,7 +18,8 @@ CITED_PATH = re.compile(r'(?<![\w./-])((?:\.\./|[\w-]+/)*[\w-]+\.(?:py|md))\b')
 # repository) leaves a reader of a clone with a dead reference.
 NOTES = ('REFERENCE.md', 'ENGINEERING.md', 'DESIGN.md')
 # The applications built on the library: alexnet/ must never import them.
-APPLICATIONS = ('main', 'train', 'input_pipeline', 'experiments', 'bench')
+APPLICATIONS = ('main', 'train', 'input_pipeline', 'features', 'experiments',
+                'bench')
 
 
 def _read(repo, path):
