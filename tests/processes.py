@@ -9,6 +9,17 @@ import time
 TIMEOUT = 300  # Seconds any one process may take before the test fails.
 
 
+def environment(devices: int, **extra) -> dict[str, str]:
+  """This process's environment for a child JAX on `devices` fake CPU
+  devices, with the tests' other XLA flags (conftest.py): a child's
+  programs are compiled as this process's are, bit for bit."""
+  flags = [flag for flag in os.environ.get('XLA_FLAGS', '').split()
+           if not flag.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags),
+              **{k: str(v) for k, v in extra.items()})
+
+
 class LoggedProcess:
   """`python SCRIPT ARGS` from the repository root, logging to a file.
 
@@ -18,13 +29,11 @@ class LoggedProcess:
 
   def __init__(self, repo, log, *args, script='main.py', devices=4, **env):
     self.log = log
-    environ = dict(os.environ, JAX_PLATFORMS='cpu',
-                   XLA_FLAGS=f'--xla_force_host_platform_device_count='
-                   f'{devices}', **{k: str(v) for k, v in env.items()})
     with open(log, 'w') as out:
       self.process = subprocess.Popen(
           [sys.executable, os.path.join(repo, *script.split('/')), *args],
-          cwd=repo, env=environ, stdout=out, stderr=subprocess.STDOUT)
+          cwd=repo, env=environment(devices, **env), stdout=out,
+          stderr=subprocess.STDOUT)
 
   def text(self) -> str:
     with open(self.log) as f:
