@@ -29,6 +29,8 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 # Images per block of patches: conv1's patches of 16 images are 70 MB.
 _PATCH_CHUNK = 16
+# Narrowest maps whose 3x3 convolutions take the patch kernel gradient.
+_PATCH_MIN_WIDTH = 8
 
 
 def local_response_norm(x: Array, *, groups: int, k: float, size: int,
@@ -141,10 +143,12 @@ def xla_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
 def patch_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
   """The convolution of `xla_conv` with patch-matmul kernels where they win.
 
-  Measured on XLA CPU (`bench/per_layer.py --kernels`), blocked patches are
-  faster for strided convolutions (conv1, forward and kernel gradient) and
-  for 3x3 kernels (conv3-conv5, whose XLA kernel gradient is a convolution
-  with a 13x13 "kernel"); for conv2 (5x5 on 27x27) XLA's own is faster.
+  Measured on XLA CPU (`bench/train_step.py --kernels`), blocked patches
+  are faster for strided convolutions (conv1, forward and kernel gradient)
+  and for 3x3 kernels on maps at least 8 wide (conv3-conv5 at 227 pixels,
+  whose XLA kernel gradient is a convolution with a 13x13 "kernel"); XLA's
+  own is faster for conv2 (5x5 on 27x27) and for 3x3 kernels on the 3x3
+  maps of 67-pixel inputs.
 
   Args:
     x: [N, H, W, C_in] input.
@@ -155,7 +159,7 @@ def patch_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
   Returns:
     [N, rows, cols, C_out], like `xla_conv`.
   """
-  if stride > 1 or kernel.shape[0] <= 3:
+  if stride > 1 or (kernel.shape[0] <= 3 and x.shape[2] >= _PATCH_MIN_WIDTH):
     return _patch_grad_conv(x, kernel, stride, pads)
   return xla_conv(x, kernel, stride, pads)
 

@@ -195,9 +195,14 @@ class TowerDense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel, bias = _tower_params(self, (x.shape[-1], self.features))
-    # [towers, in, out] -> [in, towers * out]: one matmul for all towers.
-    wide = jnp.moveaxis(kernel, 0, 1).reshape(x.shape[-1], -1)
-    y = jnp.dot(x.astype(self.dtype), wide.astype(self.dtype))
+    # One batched matmul, a tower per batch entry, reading the kernels where
+    # they lie: rearranged as one [in, towers * out] matrix they would be
+    # copied every step (64 MB at fc7), which on the CPU costs as much as
+    # the matmul itself (bench/train_step.py --per_layer).
+    # (Asked for [batch, towers, out] directly, XLA's CPU dot is as slow.)
+    towers = jnp.broadcast_to(x.astype(self.dtype), (self.towers, *x.shape))
+    y = jnp.einsum('tbi,tio->tbo', towers, kernel.astype(self.dtype))
+    y = jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)
     return y + bias.reshape(-1).astype(self.dtype)
 
 

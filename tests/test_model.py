@@ -215,10 +215,11 @@ def test_max_pool_equals_flax_max_pool_ties_included(shape, size, stride):
 
 
 @pytest.mark.parametrize('kernel_size,strides,padding,size', [
-    (11, 4, 'VALID', 35), (3, 1, ((1, 1), (1, 1)), 7)])
+    (11, 4, 'VALID', 35), (3, 1, ((1, 1), (1, 1)), 8)])
 def test_blocked_patch_convolutions_equal_xla_gradients_included(
     kernel_size, strides, padding, size):
-  """conv1's and the 3x3 layers' patch paths, over several image blocks."""
+  """conv1's and the 3x3 layers' patch paths (maps of 8, the narrowest
+  that take them), over several image blocks."""
   conv = model.TowerConv(features=4, kernel_size=kernel_size,
                          strides=strides, padding=padding, shared_input=True,
                          conv_impl='patches')
@@ -237,6 +238,8 @@ def test_blocked_patch_convolutions_equal_xla_gradients_included(
   want, want_vjp = jax.vjp(plain, params, images)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   cotangent = jax.random.normal(jax.random.key(2), want.shape)
+  # The patch path: its kernel gradient is summed over image blocks.
+  assert 'scan' in str(jax.make_jaxpr(got_vjp)(cotangent))
   for g, w in zip(jax.tree.leaves(got_vjp(cotangent)),
                   jax.tree.leaves(want_vjp(cotangent))):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
