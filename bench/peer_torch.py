@@ -25,6 +25,7 @@ and it is what an epoch would cost.
 Run as a script:
 
   python bench/peer_torch.py --batch_size=128 --steps=3
+  python bench/peer_torch.py --batch_size=64 --image_size=67 --num_classes=10
 """
 
 from __future__ import annotations
@@ -59,7 +60,15 @@ def available() -> bool:
   return importlib.util.find_spec('torch') is not None
 
 
-def build_model(lrn: str = 'native', seed: int = 0):
+def feature_map_size(image_size: int) -> int:
+  """Side of conv5's pooled maps: conv1 11x11 stride 4, three 3x3/2 pools."""
+  pool = lambda n: (n - 3) // 2 + 1
+  return pool(pool(pool((image_size - 11) // 4 + 1)))
+
+
+def build_model(lrn: str = 'native', seed: int = 0, *,
+                image_size: int = _IMAGE_SIZE,
+                num_classes: int = _NUM_CLASSES):
   """Builds the grouped AlexNet in channels_last memory format.
 
   Args:
@@ -69,6 +78,8 @@ def build_model(lrn: str = 'native', seed: int = 0):
       (one matmul over channels, faster on CPU). Both equal the paper's
       formula within the tower.
     seed: seed of the generator used for the weight init.
+    image_size: input side; fc6 reads 256 maps of `feature_map_size` each.
+    num_classes: fc8's outputs.
 
   Returns:
     A `torch.nn.Module` in train mode, float32, on CPU.
@@ -80,6 +91,9 @@ def build_model(lrn: str = 'native', seed: int = 0):
 
   if lrn not in _LRN_IMPLS:
     raise ValueError(f'lrn must be one of {_LRN_IMPLS}, got {lrn!r}')
+  side = feature_map_size(image_size)
+  if side < 1:
+    raise ValueError(f'image_size={image_size} is below the net\'s 67')
 
   class GroupedLRN(nn.Module):
     """Paper LRN whose channel window stays inside each group (tower)."""
@@ -137,13 +151,13 @@ def build_model(lrn: str = 'native', seed: int = 0):
       # CHW flatten order; the JAX model flattens HWC, which only permutes
       # fc6's rows and costs the same.
       nn.Flatten(),
-      nn.Linear(9216, 4096),                         # fc6
+      nn.Linear(256 * side * side, 4096),            # fc6 (9216 at 227)
       nn.ReLU(inplace=True),
       nn.Dropout(0.5),
       nn.Linear(4096, 4096),                         # fc7
       nn.ReLU(inplace=True),
       nn.Dropout(0.5),
-      nn.Linear(4096, _NUM_CLASSES),                 # fc8
+      nn.Linear(4096, num_classes),                  # fc8
   )
 
   # Paper init: weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7
@@ -201,14 +215,15 @@ class _Threads:
     return False
 
 
-def _random_batch(batch_size: int, seed: int = 1):
+def _random_batch(batch_size: int, image_size: int, num_classes: int,
+                  seed: int = 1):
   """Returns random (images, labels), images NCHW in channels_last format."""
   import torch
   generator = torch.Generator().manual_seed(seed)
-  images = torch.randn(batch_size, 3, _IMAGE_SIZE, _IMAGE_SIZE,
+  images = torch.randn(batch_size, 3, image_size, image_size,
                        generator=generator)
   images = images.contiguous(memory_format=torch.channels_last)
-  labels = torch.randint(0, _NUM_CLASSES, (batch_size,), generator=generator)
+  labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
   return images, labels
 
 
@@ -224,7 +239,9 @@ def measure_train(batch_size: int = 128,
                   warmup: int = 2,
                   threads: int | None = None,
                   *,
-                  lrn: str = 'native') -> float:
+                  lrn: str = 'native',
+                  image_size: int = _IMAGE_SIZE,
+                  num_classes: int = _NUM_CLASSES) -> float:
   """Measures training throughput of the grouped AlexNet in PyTorch on CPU.
 
   One step is forward (train mode, dropout on), cross-entropy loss, backward
@@ -248,7 +265,8 @@ def measure_train(batch_size: int = 128,
   import torch.nn.functional as F
 
   with _Threads(threads):
-    model = build_model(lrn=lrn)
+    model = build_model(lrn=lrn, image_size=image_size,
+                        num_classes=num_classes)
     model.train()
     # torch's SGD puts lr outside the velocity (v <- 0.9 v + g + wd w;
     # w <- w - lr v), which equals the paper's update while lr is constant,
@@ -256,7 +274,7 @@ def measure_train(batch_size: int = 128,
     optimizer = torch.optim.SGD(
         model.parameters(), lr=_LEARNING_RATE, momentum=_MOMENTUM,
         weight_decay=_WEIGHT_DECAY)
-    images, labels = _random_batch(batch_size)
+    images, labels = _random_batch(batch_size, image_size, num_classes)
 
     def step():
       optimizer.zero_grad(set_to_none=True)
@@ -281,7 +299,9 @@ def measure_eval(batch_size: int = 128,
                  warmup: int = 1,
                  threads: int | None = None,
                  *,
-                 lrn: str = 'native') -> float:
+                 lrn: str = 'native',
+                 image_size: int = _IMAGE_SIZE,
+                 num_classes: int = _NUM_CLASSES) -> float:
   """Measures inference throughput (forward only) of the grouped AlexNet.
 
   Runs in eval mode (dropout off) under `torch.no_grad()` on one fixed random
@@ -294,6 +314,7 @@ def measure_eval(batch_size: int = 128,
     threads: torch intra-op threads for the measurement; None keeps torch's
       current setting. The previous setting is restored afterwards.
     lrn: 'native' or 'banded'; see `measure_train`.
+    image_size, num_classes: see `measure_train`.
 
   Returns:
     Images per second: batch_size * steps / total timed seconds.
@@ -302,9 +323,10 @@ def measure_eval(batch_size: int = 128,
   import torch
 
   with _Threads(threads), torch.no_grad():
-    model = build_model(lrn=lrn)
+    model = build_model(lrn=lrn, image_size=image_size,
+                        num_classes=num_classes)
     model.eval()
-    images, _ = _random_batch(batch_size)
+    images, _ = _random_batch(batch_size, image_size, num_classes)
     for _ in range(warmup):
       model(images)
     total = 0.0
@@ -333,21 +355,29 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--threads', type=int, default=None,
                       help='torch intra-op threads (default: torch default)')
   parser.add_argument('--lrn', choices=_LRN_IMPLS, default='native')
+  parser.add_argument('--image_size', type=int, default=_IMAGE_SIZE)
+  parser.add_argument('--num_classes', type=int, default=_NUM_CLASSES)
   args = parser.parse_args(argv)
 
   if not available():
     raise SystemExit('torch is not installed: pip install torch==2.13.0')
   import torch
 
+  net = dict(lrn=args.lrn, image_size=args.image_size,
+             num_classes=args.num_classes)
+  params = sum(p.numel() for p in build_model(**net).parameters())
+  if (args.image_size, args.num_classes) == (_IMAGE_SIZE, _NUM_CLASSES):
+    num_params()  # The paper's net: checks its count.
   print(f'torch {torch.__version__}, threads '
-        f'{args.threads or torch.get_num_threads()}, params {num_params():,}, '
-        f'lrn {args.lrn}')
+        f'{args.threads or torch.get_num_threads()}, params {params:,}, '
+        f'lrn {args.lrn}, {args.image_size}x{args.image_size} images, '
+        f'{args.num_classes} classes')
   train = measure_train(args.batch_size, args.steps, threads=args.threads,
-                        lrn=args.lrn)
+                        **net)
   print(f'train: {train:.2f} images/s (batch {args.batch_size}, '
         f'{args.steps} steps, total/steps)')
   evaluate = measure_eval(args.batch_size, args.steps, threads=args.threads,
-                          lrn=args.lrn)
+                          **net)
   print(f'eval:  {evaluate:.2f} images/s (batch {args.batch_size}, '
         f'{args.steps} steps, total/steps)')
 

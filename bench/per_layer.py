@@ -68,32 +68,39 @@ def _dropout(params, x, key):
                                rngs={'dropout': key})
 
 
-def layers(dtype, conv_impl: str = 'auto') -> list[Layer]:
-  """The net's layers in order, with the input shapes of a 227x227 image."""
+def layers(dtype, conv_impl: str = 'auto', image_size: int = 227,
+           num_classes: int = 1000) -> list[Layer]:
+  """The net's layers in order, with the input shapes an image of
+  `image_size` gives them."""
   impl = model.resolve_conv_impl(conv_impl)
   conv = lambda f, k, **kw: model.TowerConv(features=f, kernel_size=k,
                                             dtype=dtype, conv_impl=impl, **kw)
   dense = lambda f: model.TowerDense(features=f, dtype=dtype)
   lrn = lambda p, x, key: cpu_ops.local_response_norm(x, groups=2, **LRN)
   pool = lambda p, x, key: cpu_ops.max_pool(x)
+  pooled = lambda n: (n - 3) // 2 + 1
+  s1 = (image_size - 11) // 4 + 1  # conv1's maps (55 at 227)
+  s2 = pooled(s1)                  # conv2's (27)
+  s3 = pooled(s2)                  # conv3-conv5's (13)
+  s6 = pooled(s3)                  # pool5's (6)
   return [
-      _module_layer('conv1', (227, 227, 3),
+      _module_layer('conv1', (image_size, image_size, 3),
                     conv(48, 11, strides=4, padding='VALID',
                          shared_input=True), 0, input_grad=False),
-      Layer('lrn1', (55, 55, 96), lrn, torch_index=2),
-      Layer('pool1', (55, 55, 96), pool, torch_index=3),
-      _module_layer('conv2', (27, 27, 96), conv(128, 5, padding=PAD2), 4),
-      Layer('lrn2', (27, 27, 256), lrn, torch_index=6),
-      Layer('pool2', (27, 27, 256), pool, torch_index=7),
-      _module_layer('conv3', (13, 13, 256),
+      Layer('lrn1', (s1, s1, 96), lrn, torch_index=2),
+      Layer('pool1', (s1, s1, 96), pool, torch_index=3),
+      _module_layer('conv2', (s2, s2, 96), conv(128, 5, padding=PAD2), 4),
+      Layer('lrn2', (s2, s2, 256), lrn, torch_index=6),
+      Layer('pool2', (s2, s2, 256), pool, torch_index=7),
+      _module_layer('conv3', (s3, s3, 256),
                     conv(192, 3, padding=PAD1, shared_input=True), 8),
-      _module_layer('conv4', (13, 13, 384), conv(192, 3, padding=PAD1), 10),
-      _module_layer('conv5', (13, 13, 384), conv(128, 3, padding=PAD1), 12),
-      Layer('pool5', (13, 13, 256), pool, torch_index=14),
-      _module_layer('fc6', (9216,), dense(2048), 16),
+      _module_layer('conv4', (s3, s3, 384), conv(192, 3, padding=PAD1), 10),
+      _module_layer('conv5', (s3, s3, 384), conv(128, 3, padding=PAD1), 12),
+      Layer('pool5', (s3, s3, 256), pool, torch_index=14),
+      _module_layer('fc6', (s6 * s6 * 256,), dense(2048), 16),
       Layer('drop6', (4096,), _dropout, torch_index=18),
       _module_layer('fc7', (4096,), dense(2048), 19),
-      _module_layer('fc8', (4096,), dense(500), 22),
+      _module_layer('fc8', (4096,), dense(-(-num_classes // 2)), 22),
   ]
 
 
@@ -131,11 +138,12 @@ def time_jax(layer: Layer, batch: int, dtype, steps: int, warmup: int
   return fwd, bwd
 
 
-def time_torch(layer: Layer, batch: int, steps: int, warmup: int
-               ) -> tuple[float, float]:
-  """(forward, forward+backward) seconds of the PyTorch peer's layer."""
+def time_torch(layer: Layer, batch: int, steps: int, warmup: int,
+               **net) -> tuple[float, float]:
+  """(forward, forward+backward) seconds of the PyTorch peer's layer; `net`:
+  `peer_torch.build_model`'s image_size and num_classes."""
   import torch  # pylint: disable=g-import-not-at-top
-  module = peer_torch.build_model()[layer.torch_index]
+  module = peer_torch.build_model(**net)[layer.torch_index]
   module.train()
   # NCHW shape in channels_last memory, like the peer's activations.
   x = 50 * torch.randn(batch, *layer.shape[-1:], *layer.shape[:-1])
@@ -165,11 +173,14 @@ def time_torch(layer: Layer, batch: int, steps: int, warmup: int
 
 
 def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
-                torch_ok: bool) -> tuple[float, float | None]:
-  """Seconds of one optimizer update `tx` (JAX) and torch SGD."""
+                torch_ok: bool, image_size: int = 227,
+                num_classes: int = 1000) -> tuple[float, float | None]:
+  """Seconds of one optimizer update `tx` (JAX) and torch SGD, over the
+  parameters of the net for `image_size` and `num_classes`."""
+  shape = (1, image_size, image_size, 3)
   params = jax.eval_shape(
-      lambda: model.AlexNet().init(jax.random.key(0),
-                                   jnp.zeros((1, 227, 227, 3)), train=False))
+      lambda: model.AlexNet(num_classes=num_classes).init(
+          jax.random.key(0), jnp.zeros(shape), train=False))
   params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
                         params['params'])
   state = tx.init(params)
@@ -184,7 +195,7 @@ def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
   if not torch_ok:
     return jax_seconds, None
   import torch  # pylint: disable=g-import-not-at-top
-  net = peer_torch.build_model()
+  net = peer_torch.build_model(image_size=image_size, num_classes=num_classes)
   for p in net.parameters():
     p.grad = torch.ones_like(p)
   sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9,
@@ -200,7 +211,8 @@ def time_update(tx: optax.GradientTransformation, steps: int, warmup: int,
 def print_table(batch: int, dtype, selected: list[str], steps: int,
                 warmup: int, torch_ok: bool,
                 tx: optax.GradientTransformation,
-                conv_impl: str = 'auto') -> None:
+                conv_impl: str = 'auto', image_size: int = 227,
+                num_classes: int = 1000) -> None:
   """Prints ms per layer, JAX and PyTorch, forward and forward+backward.
 
   Args:
@@ -211,22 +223,24 @@ def print_table(batch: int, dtype, selected: list[str], steps: int,
     torch_ok: whether to run the PyTorch side.
     tx: the optimizer whose update is the 'update' row.
     conv_impl: the convolutions' config.conv_impl.
+    image_size, num_classes: the net's input side and classes.
   """
-  print(f'\nper layer, batch {batch}, ms (mean of {steps} after {warmup} '
+  net = dict(image_size=image_size, num_classes=num_classes)
+  print(f'\nper layer, {image_size}x{image_size} images, batch {batch}, ms (mean of {steps} after {warmup} '
         'warm-up); speed = PyTorch ms / JAX ms, >1: JAX faster')
   print(f'{"layer":<8} {"JAX fwd":>9} {"torch fwd":>9} {"speed":>6}  '
         f'{"JAX f+b":>9} {"torch f+b":>9} {"speed":>6}')
   totals = np.zeros(4)
-  for layer in layers(dtype, conv_impl):
+  for layer in layers(dtype, conv_impl, **net):
     if selected and layer.name not in selected:
       continue
     jf, jb = time_jax(layer, batch, dtype, steps, warmup)
-    tf, tb = (time_torch(layer, batch, steps, warmup) if torch_ok
+    tf, tb = (time_torch(layer, batch, steps, warmup, **net) if torch_ok
               else (float('nan'),) * 2)
     totals += [jf, tf, jb, tb]
     _print_row(layer.name, jf, tf, jb, tb)
   if not selected or 'update' in selected:
-    ju, tu = time_update(tx, steps, warmup, torch_ok)
+    ju, tu = time_update(tx, steps, warmup, torch_ok, **net)
     tu = float('nan') if tu is None else tu
     totals += [0, 0, ju, tu]
     _print_row('update', float('nan'), float('nan'), ju, tu)
@@ -250,15 +264,19 @@ def _lrn_by_autodiff(p, x, key):
   return (a / d ** LRN['beta']).reshape(x.shape)
 
 
-def print_kernel_table(batch: int, steps: int, warmup: int) -> None:
+def print_kernel_table(batch: int, steps: int, warmup: int,
+                       image_size: int = 227) -> None:
   """Prints ms of each `cpu_ops` kernel and of the stock JAX it replaces.
 
   Args:
     batch: images per step.
     steps, warmup: timed and untimed repetitions per figure.
+    image_size: the net's input side.
   """
-  by_name = {layer.name: layer for layer in layers(jnp.float32, 'patches')}
-  stock = {layer.name: layer for layer in layers(jnp.float32, 'xla')}
+  by_name = {layer.name: layer
+             for layer in layers(jnp.float32, 'patches', image_size)}
+  stock = {layer.name: layer
+           for layer in layers(jnp.float32, 'xla', image_size)}
   flax_pool = lambda p, x, key: nn.max_pool(x, (3, 3), strides=(2, 2))
   pairs = [(name, stock[name], by_name[name])
            for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')]
@@ -267,7 +285,8 @@ def print_kernel_table(batch: int, steps: int, warmup: int) -> None:
              by_name['lrn1']),
             ('pool1', dataclasses.replace(by_name['pool1'], jax_fn=flax_pool),
              by_name['pool1'])]
-  print(f'\ncpu_ops kernels vs stock JAX, batch {batch}, ms (mean of {steps} '
+  print(f'\ncpu_ops kernels vs stock JAX, {image_size}x{image_size} images, '
+        f'batch {batch}, ms (mean of {steps} '
         f'after {warmup} warm-up); speed = stock ms / cpu_ops ms')
   print(f'{"layer":<8} {"ops fwd":>9} {"stock fwd":>9} {"speed":>6}  '
         f'{"ops f+b":>9} {"stock f+b":>9} {"speed":>6}')

@@ -15,6 +15,7 @@ in the same process and the JAX/PyTorch ratios are printed: the machine is
 shared and noisy, so only ratios taken side by side mean anything.
 
   python bench/train_step.py                       # batch 128, float32
+  python bench/train_step.py --variant=fashion_mnist  # 67x67, 10 classes
   python bench/train_step.py --devices=2           # tower-parallel layout
   python bench/train_step.py --per_layer           # per-layer fwd+bwd table
   python bench/train_step.py --per_layer --layers=conv1,pool1 --skip_step
@@ -44,8 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   # argparse, not absl: peer_torch shares the process (see its main()).
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch_size', type=int, default=128,
-                      help='images per step, over all replicas')
+  parser.add_argument('--variant', default='',
+                      help="configs/alexnet.py's variant, e.g. fashion_mnist "
+                      '(its image size, classes and batch); default: the '
+                      'paper')
+  parser.add_argument('--batch_size', type=int, default=0,
+                      help='images per step, over all replicas; default: '
+                      "the config's")
   parser.add_argument('--steps', type=int, default=3, help='timed steps')
   parser.add_argument('--rounds', type=int, default=3,
                       help='alternating JAX / PyTorch measurements')
@@ -84,17 +90,22 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 
 from alexnet import parallel  # pylint: disable=g-import-not-at-top
 from alexnet import steps  # pylint: disable=g-import-not-at-top
+from alexnet import tpu  # pylint: disable=g-import-not-at-top
 from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
 from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
 
-NUM_CLASSES = 1000
+# Classes of the datasets the config variants read.
+NUM_CLASSES = {'imagenet2012': 1000, 'digits': 10, 'fashion_mnist': 10}
 
 
-def paper_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The paper's recipe with the bench's dtype and convolutions."""
-  config = configs.get_config()
+def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The variant's recipe (the paper's by default) with the bench's dtype,
+  convolutions and batch size."""
+  config = configs.get_config(args.variant or None)
   config.dtype = args.dtype
   config.conv_impl = args.conv_impl
+  if args.batch_size:
+    config.batch_size = args.batch_size
   return config
 
 
@@ -112,7 +123,7 @@ def _time_steps(step: Callable[[], object], num_steps: int,
 
 
 def wire_batch(layout: parallel.Layout, batch_size: int,
-               config: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, num_classes: int,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
   """A random batch in the input pipeline's uint8 form, per local replica.
 
@@ -120,6 +131,7 @@ def wire_batch(layout: parallel.Layout, batch_size: int,
     layout: the device layout.
     batch_size: images per step over all replicas.
     config: uses image_size and resize_size.
+    num_classes: labels are below it.
     rng: the source of the pixels, crop offsets, flips and lighting shifts.
 
   Returns:
@@ -136,22 +148,22 @@ def wire_batch(layout: parallel.Layout, batch_size: int,
       'offset': rng.integers(0, room + 1, (*lead, 2), dtype=np.int32),
       'flip': rng.random(lead) < 0.5,
       'shift': (10 * rng.standard_normal((*lead, 3))).astype(np.float32),
-      'label': rng.integers(0, NUM_CLASSES, lead, dtype=np.int32)}
+      'label': rng.integers(0, num_classes, lead, dtype=np.int32)}
 
 
 class Bench:
   """The model, its towers and a fixed batch laid out on the devices."""
 
-  def __init__(self, layout: parallel.Layout, batch_size: int,
-               config: ml_collections.ConfigDict):
+  def __init__(self, layout: parallel.Layout,
+               config: ml_collections.ConfigDict, num_classes: int):
     self.layout, self.config = layout, config
-    self.net = steps.create_model(config, NUM_CLASSES, layout.exchange)
+    self.net = steps.create_model(config, num_classes, layout.exchange)
     state = steps.create_train_state(
-        config, steps.create_model(config, NUM_CLASSES))
+        config, steps.create_model(config, num_classes))
     self.towers = layout.shard_towers(
         {'params': state.params, 'opt_state': state.opt_state})
     rng = np.random.default_rng(0)
-    batch = wire_batch(layout, batch_size, config, rng)
+    batch = wire_batch(layout, config.batch_size, config, num_classes, rng)
     self.batch = layout.shard_batch(batch)
     # For the forward pass: mean-subtracted-scale float images.
     self.images = layout.shard_batch(
@@ -198,14 +210,16 @@ class Bench:
 
 
 def run_step_bench(args, layout: parallel.Layout,
-                   config: ml_collections.ConfigDict, torch_ok: bool):
+                   config: ml_collections.ConfigDict, num_classes: int,
+                   torch_ok: bool):
   """Times train and eval, JAX and PyTorch alternating; prints a table.
 
   The machine is shared: load changes over minutes, so each round times JAX
   and then PyTorch back to back, and the table gives the medians over the
   rounds of images/s and of the per-round ratios.
   """
-  bench = Bench(layout, args.batch_size, config)
+  bench = Bench(layout, config, num_classes)
+  net = dict(image_size=config.image_size, num_classes=num_classes)
   rows = {}
   for name, jax_fn, torch_fn in (
       ('train', bench.time_train, peer_torch.measure_train),
@@ -214,9 +228,12 @@ def run_step_bench(args, layout: parallel.Layout,
     for _ in range(args.rounds):
       jax_ips.append(jax_fn(args.steps, args.warmup))
       if torch_ok:
-        torch_ips.append(torch_fn(args.batch_size, args.steps, args.warmup))
+        torch_ips.append(torch_fn(config.batch_size, args.steps, args.warmup,
+                                  **net))
     rows[name] = (jax_ips, torch_ips)
-  print(f'\nimages/s, batch {args.batch_size}, {args.steps} steps after '
+  print(f'\nimages/s, {config.image_size}x{config.image_size} images, '
+        f'{num_classes} classes, batch {config.batch_size}, {args.steps} '
+        f'steps after '
         f'{args.warmup} warm-up, median of {args.rounds} rounds '
         '(ratio JAX/PyTorch: median of per-round ratios, >1: JAX faster)')
   print(f'{"":<8} {"JAX":>9} {"PyTorch":>9} {"ratio":>6}   per round')
@@ -233,8 +250,13 @@ def _median(values: list[float], width: int) -> str:
 
 def main() -> None:
   args = ARGS
-  config = paper_config(args)
+  config = bench_config(args)
+  if config.dataset not in NUM_CLASSES:
+    raise SystemExit(f'--variant={args.variant} reads {config.dataset}, '
+                     f'whose classes this bench does not know')
+  num_classes = NUM_CLASSES[config.dataset]
   dtype = jnp.dtype(args.dtype)
+  tpu.keep_jax_off_absent_tpu()  # As main.py does: no libtpu warnings.
   devices = jax.devices()
   if args.devices > len(devices):
     raise SystemExit(f'--devices={args.devices} but only {len(devices)} '
@@ -255,15 +277,16 @@ def main() -> None:
   if os.environ.get('XLA_FLAGS'):
     print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   if not args.skip_step:
-    run_step_bench(args, layout, config, torch_ok)
+    run_step_bench(args, layout, config, num_classes, torch_ok)
   if args.per_layer:
     selected = [n for n in args.layers.split(',') if n]
-    per_layer.print_table(args.batch_size, dtype, selected, args.steps,
+    per_layer.print_table(config.batch_size, dtype, selected, args.steps,
                           args.warmup, torch_ok,
                           steps.make_optimizer(config, config.learning_rate),
-                          args.conv_impl)
+                          args.conv_impl, config.image_size, num_classes)
   if args.kernels:
-    per_layer.print_kernel_table(args.batch_size, args.steps, args.warmup)
+    per_layer.print_kernel_table(config.batch_size, args.steps, args.warmup,
+                                 config.image_size)
 
 
 if __name__ == '__main__':
