@@ -27,6 +27,8 @@ from alexnet import reporting
 from alexnet import schedule
 from alexnet import steps
 from configs import alexnet as configs
+from experiments import learning_curve
+from experiments import plots
 import input_pipeline
 import main
 import processes
@@ -81,6 +83,33 @@ def test_end_to_end_two_devices_with_a_fixed_lr_drop(trained):
   lr = config.learning_rate  # Logged after each step, at its 1-based count.
   assert _scalars(workdir)['train/lr'] == pytest.approx(
       {1: lr, 2: lr, 3: lr / 10, 4: lr / 10})
+
+
+def test_learning_curve_places_each_evaluation_at_its_epoch(trained,
+                                                           tmp_path):
+  config, workdir = trained
+  # 1,347 training digits (sklearn's 1,797, less the 450 of the test
+  # split), 8 images a step: the run's one evaluation is after 32 images.
+  per_epoch = learning_curve.steps_per_epoch(config)
+  assert per_epoch == 1347 / 8
+  curves = learning_curve.read_curves(workdir, per_epoch)
+  assert set(curves) == {'train', 'eval'}  # No minival split.
+  epochs, (error,) = curves['eval']
+  assert epochs == pytest.approx([32 / 1347])
+  _, results = train.evaluate_checkpoint(config, workdir, 'latest')
+  assert error == pytest.approx(results['eval']['centre_top1_error'])
+  percent = f'{100 * error:.2f}'
+  # Two runs (here the same one twice): each one's error, their mean, std.
+  assert learning_curve.table([curves, curves]).splitlines()[1].split() == [
+      'epoch', '0.02', percent, percent, 'mean', percent, '+-', '0.00']
+  epochs, error = curves['train']
+  assert epochs == pytest.approx(np.arange(1, 5) * 8 / 1347)
+  accuracy = _scalars(workdir)['train/accuracy']
+  assert error == pytest.approx([1 - accuracy[s] for s in range(1, 5)])
+  path = str(tmp_path / 'curve.png')
+  plots.save_png(learning_curve.draw([curves], 'digits'), path)
+  picture = np.asarray(Image.open(path))
+  assert picture.shape[:2] == (420, 640) and picture.std() > 0
 
 
 def test_end_to_end_one_device_mock_imagenet(tiny, testdata, tmp_path):
