@@ -25,8 +25,10 @@ Select a variant with the config string, e.g. `--config=configs/alexnet.py:digit
   greyscale clothes, 10 classes) read offline from the original IDX files,
   which `apt-get install dataset-fashion-mnist` puts in
   /usr/share/datasets/fashion-mnist (or set --config.fashion_mnist_dir).
-  The digits' input size and initialisation; 5 epochs, centre-crop
-  evaluation, ~25 minutes on a 2-core CPU (README, Results).
+  The digits' input size and initialisation; trains on the first 90% of
+  the training images, chooses on the last 10% and reports the test set;
+  12 epochs with two learning-rate drops, centre-crop evaluation, about an
+  hour on a 2-core CPU (README, Results).
 
       python main.py --config=configs/alexnet.py:fashion_mnist \
           --workdir=runs/fashion_mnist
@@ -300,19 +302,33 @@ def _digits(config: ml_collections.ConfigDict) -> None:
 
 
 def _fashion_mnist(config: ml_collections.ConfigDict) -> None:
-  """Fashion-MNIST from Debian's IDX files at the smallest valid input."""
+  """Fashion-MNIST from Debian's IDX files at the smallest valid input.
+
+  The recipe (README, Fashion-MNIST) was chosen on the held-out last 10% of
+  the training files, never on the test set: training reads the first 90%,
+  and every evaluation reports both the held-out slice ('minival') and the
+  10,000 test images ('eval').
+  """
   _small_images(config)
   config.dataset = 'fashion_mnist'
   config.fashion_mnist_dir = '/usr/share/datasets/fashion-mnist'
-  # An epoch (938 steps) takes ~5 minutes on the 2-core development CPU
-  # (README, Results). 10-crop evaluation of the 10,000 test images would
-  # add minutes per evaluation there: turn it on with --config.ten_crop=True
-  # where evaluation is cheap.
-  config.num_epochs = 5.0
+  config.train_split = 'train[:90%]'
+  config.minival_split = 'train[90%:]'
+  config.plateau_split = 'minival'
+  # The paper's batch. The step's cost at 67 pixels is mostly the fully
+  # connected weights' memory traffic, the same at any batch, so 128 trains
+  # ~25% more images/s than 64 here; the rate doubles with it.
+  config.batch_size = 128
+  config.learning_rate = 0.02
+  # 12 epochs of 421 steps, the rate divided by 10 at epochs 8 and 11:
+  # about an hour on the 2-core development CPU (README, Results). 10-crop
+  # evaluation of the 16,000 evaluated images would add minutes per
+  # evaluation there: turn it on with --config.ten_crop=True where
+  # evaluation is cheap.
+  config.num_epochs = 12.0
+  config.lr_drop_epochs = (8.0, 11.0)
   config.ten_crop = False
   config.eval_every_epochs = 1.0
-  # With a few evaluations, drop the learning rate after one without gain.
-  config.plateau.patience = 1
   config.log_every_steps = 100
   config.shuffle_buffer = 16_384
 
