@@ -198,8 +198,9 @@ class TowerDense(nn.Module):
     # One batched matmul, a tower per batch entry, reading the kernels where
     # they lie: rearranged as one [in, towers * out] matrix they would be
     # copied every step (64 MB at fc7), which on the CPU costs as much as
-    # the matmul itself (bench/train_step.py --per_layer).
-    # (Asked for [batch, towers, out] directly, XLA's CPU dot is as slow.)
+    # the matmul itself (bench/train_step.py --per_layer). The product is
+    # [towers, batch, out]: asked for [batch, towers, out], XLA's CPU dot
+    # is as slow as with the copy.
     towers = jnp.broadcast_to(x.astype(self.dtype), (self.towers, *x.shape))
     y = jnp.einsum('tbi,tio->tbo', towers, kernel.astype(self.dtype))
     y = jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)
