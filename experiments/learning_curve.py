@@ -13,7 +13,7 @@ evaluations as a table with the mean and spread over the runs.
         --workdirs=runs/fashion_mnist --out=runs/fashion_mnist/curve.png
 
 --config (with the same --config.FIELD overrides as the runs) gives the
-epoch length: the images of its train_split over its batch_size.
+epoch length: the whole batches of its train_split.
 """
 
 from collections.abc import Sequence
@@ -35,7 +35,7 @@ CURVES = (('train', 'train/accuracy', 'tab:grey'),
           ('eval', 'eval/centre_top1_error', 'tab:blue'))
 
 
-def read_curves(workdir: str, steps_per_epoch: float
+def read_curves(workdir: str, steps_per_epoch: int
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (epochs, top-1 error)} of one run; splits it never wrote are
   left out."""
@@ -86,9 +86,10 @@ def table(runs: Sequence[dict[str, tuple[np.ndarray, np.ndarray]]]) -> str:
   return '\n'.join(rows)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """Whole batches of the train split: training drops the partial one."""
   info = input_pipeline.get_dataset_info(config)
-  return info.num_train_examples / config.batch_size
+  return info.num_train_examples // config.batch_size
 
 
 def main(argv: list[str]) -> None:

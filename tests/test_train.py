@@ -89,13 +89,14 @@ def test_learning_curve_places_each_evaluation_at_its_epoch(trained,
                                                            tmp_path):
   config, workdir = trained
   # 1,347 training digits (sklearn's 1,797, less the 450 of the test
-  # split), 8 images a step: the run's one evaluation is after 32 images.
+  # split), 8 images a step: 168 steps an epoch, and the run's one
+  # evaluation is after its 4 steps.
   per_epoch = learning_curve.steps_per_epoch(config)
-  assert per_epoch == 1347 / 8
+  assert per_epoch == 168
   curves = learning_curve.read_curves(workdir, per_epoch)
   assert set(curves) == {'train', 'eval'}  # No minival split.
   epochs, (error,) = curves['eval']
-  assert epochs == pytest.approx([32 / 1347])
+  assert epochs == pytest.approx([4 / 168])
   _, results = train.evaluate_checkpoint(config, workdir, 'latest')
   assert error == pytest.approx(results['eval']['centre_top1_error'])
   percent = f'{100 * error:.2f}'
@@ -103,7 +104,7 @@ def test_learning_curve_places_each_evaluation_at_its_epoch(trained,
   assert learning_curve.table([curves, curves]).splitlines()[1].split() == [
       'epoch', '0.02', percent, percent, 'mean', percent, '+-', '0.00']
   epochs, error = curves['train']
-  assert epochs == pytest.approx(np.arange(1, 5) * 8 / 1347)
+  assert epochs == pytest.approx(np.arange(1, 5) / 168)
   accuracy = _scalars(workdir)['train/accuracy']
   assert error == pytest.approx([1 - accuracy[s] for s in range(1, 5)])
   path = str(tmp_path / 'curve.png')
