@@ -61,7 +61,11 @@ def available() -> bool:
 
 
 def feature_map_size(image_size: int) -> int:
-  """Side of conv5's pooled maps: conv1 11x11 stride 4, three 3x3/2 pools."""
+  """Side of conv5's pooled maps: conv1 11x11 stride 4, three 3x3/2 pools.
+
+  `alexnet.model.feature_map_size` computes the same; the peer keeps its own
+  so that it shares no code with the net it is compared with.
+  """
   pool = lambda n: (n - 3) // 2 + 1
   return pool(pool(pool((image_size - 11) // 4 + 1)))
 

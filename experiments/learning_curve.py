@@ -87,9 +87,10 @@ def table(runs: Sequence[dict[str, tuple[np.ndarray, np.ndarray]]]) -> str:
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-  """Whole batches of the train split: training drops the partial one."""
-  info = input_pipeline.get_dataset_info(config)
-  return info.num_train_examples // config.batch_size
+  """Training's steps per epoch (whole batches of the train split), as one
+  data-parallel replica counts them."""
+  return input_pipeline.steps_per_epoch(
+      config, input_pipeline.get_dataset_info(config), num_replicas=1)
 
 
 def main(argv: list[str]) -> None:
