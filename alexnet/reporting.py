@@ -64,7 +64,10 @@ def logged_scalars(workdir: str, tag: str) -> dict[int, float]:
   """
   values = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    # Read as records, not with summary_iterator, which is deprecated and
+    # says so on every call.
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
       for value in event.summary.value:
         if value.tag == tag:
           values[event.step] = float(tf.make_ndarray(value.tensor))
