@@ -12,9 +12,9 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 
 from alexnet import errors
+from alexnet import reporting
 from alexnet.data import fashion_mnist
 from configs import figure1 as figure1_config
 from experiments import crossings
@@ -60,12 +60,7 @@ def _first_at_or_below(curve, target):
 
 
 def _logged_errors(run_dir):
-  logged = {}
-  for path in glob.glob(os.path.join(run_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == 'train/error':
-          logged[event.step] = float(tf.make_ndarray(value.tensor))
+  logged = reporting.logged_scalars(run_dir, 'train/error')
   return [logged[step] for step in sorted(logged)]
 
 
