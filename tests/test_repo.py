@@ -44,12 +44,32 @@ def test_ci_runs_exactly_the_readme_test_command(repo):
 
 
 def test_requirements_are_pinned(repo):
-  lines = [line.split('#')[0].strip() for line in
-           _read(repo, 'requirements.txt').splitlines()]
-  requirements = [line for line in lines if line]
-  assert requirements
-  assert all(re.fullmatch(r'[A-Za-z0-9_.\-\[\]]+==[\w.]+', line)
-             for line in requirements), requirements
+  files = sorted(name for name in os.listdir(repo)
+                 if re.fullmatch(r'requirements(-\w+)?\.txt', name))
+  assert {'requirements.txt', 'requirements-gpu.txt', 'requirements-tpu.txt',
+          'requirements-test.txt'} <= set(files), files
+  for name in files:
+    lines = [line.split('#')[0].strip()
+             for line in _read(repo, name).splitlines()]
+    requirements = [line for line in lines if line]
+    assert requirements, name
+    # Each file pins every package it adds; the others start from the CPU
+    # set (`-r requirements.txt`), as the README's install lines expect.
+    included = [line for line in requirements if line.startswith('-r ')]
+    assert included == ([] if name == 'requirements.txt'
+                        else ['-r requirements.txt']), name
+    unpinned = [line for line in requirements if line not in included
+                and not re.fullmatch(r'[A-Za-z0-9_.\-\[\]]+==[\w.]+', line)]
+    assert not unpinned, (name, unpinned)
+
+
+def test_the_cpu_set_needs_no_accelerator_package(repo):
+  """A CPU-only user installs requirements.txt alone: no libtpu, no CUDA."""
+  names = [line.split('==')[0].lower() for line in
+           _read(repo, 'requirements.txt').splitlines()
+           if '==' in line.split('#')[0]]
+  assert not [name for name in names
+              if 'tpu' in name or 'cuda' in name or 'pytest' in name], names
 
 
 def test_every_file_the_code_cites_exists(repo):
