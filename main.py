@@ -10,9 +10,10 @@ features (features.py); --mode=prepare writes the pre-resized shards that
 --config.use_shards=True then reads (no --workdir needed); --mode=import
 --weights=FILE writes published weights (bvlc_alexnet.caffemodel or its
 .npy port, with --config=configs/alexnet.py:caffe) as the step-0
-checkpoint of --workdir; --mode=compile --topology=v5e:2x2 compiles the
-train and eval steps for that TPU slice, with no TPU (alexnet/tpu.py), and
-prints their per-chip memory and roofline. Several processes (one per host)
+checkpoint of --workdir; --mode=compile --topology=v5e:2x2 (a TPU slice)
+or --topology=h100:8 (a GPU host) compiles the train and eval steps for
+those devices, with none here (alexnet/compile_only.py), and prints their
+per-device memory and roofline. Several processes (one per host)
 start through jax.distributed, see alexnet/distributed.py; SIGTERM or SIGINT
 checkpoints and exits 0.
 """
@@ -29,8 +30,12 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from alexnet import backend
+from alexnet import compile_only
 from alexnet import distributed
 from alexnet import errors
+from alexnet import gpu
+from alexnet import roofline
 from alexnet import tpu
 from alexnet import workdir as workdir_lib
 from alexnet.data import shards
@@ -54,14 +59,16 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'features', 'prepare',
                   'prepare: write the resize_size shards of the splits the '
                   'config reads (resumable); import: write --weights as the '
                   'step-0 checkpoint of --workdir; compile: compile the '
-                  'steps for --topology (needs libtpu, no TPU).')
+                  'steps for --topology (needs libtpu or the CUDA plugin, no '
+                  'TPU or GPU).')
 flags.DEFINE_enum('split', 'eval', list(features.SPLITS),
                   'With --mode=features: the config split to read.')
 flags.DEFINE_string('weights', None, 'With --mode=import: a .caffemodel '
                     '(bvlc_alexnet, either Caffe format) or a .npy dict '
                     '(its NumPy port).')
-flags.DEFINE_string('topology', None, 'With --mode=compile: the TPU slice, '
-                    'GENERATION:AxB[xC], e.g. v5e:2x2, v5e:2x4, v4:2x2x1.')
+flags.DEFINE_string('topology', None, 'With --mode=compile: a TPU slice, '
+                    'GENERATION:AxB[xC], e.g. v5e:2x2, v4:2x2x1, or GPUs of '
+                    'one host, GPU:COUNT, e.g. h100:8, a100:8, a100-40gb:8.')
 flags.DEFINE_string('checkpoint', 'latest', "With --mode=eval|features: "
                     "'latest', 'best' (lowest validation error) or a step "
                     'number.')
@@ -127,6 +134,20 @@ def _import(config: ml_collections.ConfigDict, weights: str,
         f'layout) as the step-0 checkpoint in {imported.directory}.')
 
 
+def _compile_target(topology: str) -> compile_only.Target:
+  """The devices --topology names: a TPU slice or a GPU host."""
+  kind = topology.partition(':')[0]
+  if kind in gpu.GPUS:
+    return gpu.target(topology)
+  if kind in roofline.CHIPS:
+    return tpu.target(topology)
+  raise compile_only.TopologyError(
+      f'--topology={topology!r} names no TPU or GPU this code knows: give a '
+      f'TPU slice, GENERATION:AxB[xC] with GENERATION one of '
+      f'{list(roofline.CHIPS)} (e.g. v5e:2x2), or GPUs of one host, '
+      f'GPU:COUNT with GPU one of {list(gpu.GPUS)} (e.g. h100:8).')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
         *, checkpoint: str = 'latest', split: str = 'eval',
         weights: str | None = None, topology: str | None = None) -> None:
@@ -138,28 +159,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = 'train',
     mode: 'train' (or resume), 'eval' to evaluate a checkpoint, 'features'
       to write the fc7 features of a checkpoint, 'prepare' to write the
       pre-resized shards, 'import' to write `weights` as a step-0
-      checkpoint, or 'compile' to compile the steps for a TPU slice.
+      checkpoint, or 'compile' to compile the steps for `topology`.
     checkpoint: with mode 'eval' or 'features': 'latest', 'best' or a step
       number.
     split: with mode 'features': 'eval', 'minival' or 'train'.
     weights: with mode 'import': the weights file.
-    topology: with mode 'compile': the TPU slice, e.g. 'v5e:2x2'.
+    topology: with mode 'compile': a TPU slice or GPU host, e.g. 'v5e:2x2'
+      or 'h100:8'.
 
   Raises:
     SystemExit: 'error: ...' (exit status 1) for a config, dataset or
       workdir that cannot run, or a run that diverged, with no traceback.
   """
   try:
+    # Before anything touches a device: the backend JAX starts on.
+    backend.start(need_gpus=mode != 'compile')
     if mode == 'compile':  # One process, compile-only devices: no cluster.
-      print('\n'.join(tpu.compile_steps(config, topology).lines()))
+      report = compile_only.compile_steps(config, _compile_target(topology))
+      print('\n'.join(report.lines()))
       return
     if mode != 'prepare':
       workdir_lib.check_path(workdir)
-    # First, before anything touches a device: JAX's backend must start
-    # knowing all processes.
+    # Also before: JAX's backend must start knowing all processes.
     distributed.initialize(config)
+    backend.check_started()
     logging.info('JAX process %d of %d; local devices: %s',
-                 jax.process_index(), jax.process_count(), jax.local_devices())
+                 jax.process_index(), jax.process_count(),
+                 backend.describe_devices(jax.local_devices()))
     if mode == 'prepare':
       logging.info('Shards are in %s.', shards.prepare(config))
     elif mode == 'import':
@@ -253,7 +279,6 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
-  tpu.keep_jax_off_absent_tpu()
   run(FLAGS.config, FLAGS.workdir, FLAGS.mode, checkpoint=FLAGS.checkpoint,
       split=FLAGS.split, weights=FLAGS.weights, topology=FLAGS.topology)
 

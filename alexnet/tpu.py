@@ -1,91 +1,43 @@
-"""Compiles the real train and eval steps for a TPU slice, with no TPU.
+"""The compile-only devices of a TPU slice, with no TPU.
 
     python main.py --config=configs/alexnet.py --mode=compile --topology=v5e:2x4
 
-libtpu (`pip install 'jax[tpu]==0.10.2'`) holds the TPU compiler, and JAX's
-compile-only topologies (`jax.experimental.topologies`) give the devices of
-any slice shape, on any machine. The mapped steps that training runs
-(`steps.map_train_step`, `steps.map_eval_step`) are lowered here for those
-devices with abstract arguments and compiled. The compiler's accounting then
-says, per chip, how much HBM a step needs and how many FLOPs it does;
-against the chip's published peak (alexnet/roofline.py, docs/TPU.md) that
-bounds the step time from below, and so the images per second from above.
+libtpu (`pip install 'jax[tpu]==0.10.2'`, in requirements-tpu.txt and
+requirements-test.txt) holds the TPU compiler, and JAX's compile-only
+topologies (`jax.experimental.topologies`) give the chips of any slice
+shape, on any machine. alexnet/compile_only.py compiles the steps for them;
+docs/TPU.md has the chips' published figures.
 """
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import math
 import os
-import pkgutil
 import re
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import topologies
-import ml_collections
-import tensorflow_datasets as tfds
 
-from alexnet import config_checks
+from alexnet import compile_only
 from alexnet import distributed
-from alexnet import errors
-from alexnet import parallel
 from alexnet import roofline
-from alexnet import steps
-from alexnet.data import info as info_lib
-from alexnet.data import sources
 
-Config = ml_collections.ConfigDict
-Struct = jax.ShapeDtypeStruct
-
-
-class TopologyError(errors.UserError):
-  """A --topology that cannot be compiled for, or a step that cannot fit."""
-
+TopologyError = compile_only.TopologyError
 
 # 'v5e:2x2', 'v4:2x2x1': a generation and the chips along each axis.
 _TOPOLOGY = re.compile(r'([a-z0-9]+):(\d+)x(\d+)(?:x(\d+))?')
-_MEMORY_ERRORS = ('RESOURCE_EXHAUSTED', 'Ran out of memory')
-
-
-# --- The devices ----------------------------------------------------------
-
-
-def _accelerator_plugins() -> list[str]:
-  """JAX's PJRT plugins installed besides libtpu (CUDA, ROCm, ...)."""
-  names = [entry.name for entry in
-           importlib.metadata.entry_points(group='jax_plugins')]
-  try:
-    import jax_plugins  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return names
-  return names + [module.name
-                  for module in pkgutil.iter_modules(jax_plugins.__path__)]
-
-
-def keep_jax_off_absent_tpu() -> bool:
-  """Starts JAX on the CPU where libtpu is installed but no TPU is attached.
-
-  requirements.txt installs libtpu for --mode=compile. With it, JAX tries
-  the TPU backend first at start-up even without a TPU, and libtpu prints
-  warnings before JAX falls back to the CPU. Where the CPU is all JAX could
-  use (JAX_PLATFORMS unset, no TPU on the PCI bus, no other accelerator
-  plugin installed) this says so before JAX starts; TPU and GPU hosts are
-  left to JAX. Compile-only TPU devices still work (`topology_devices`).
-
-  Returns:
-    Whether it restricted JAX to the CPU.
-  """
-  if (os.environ.get('JAX_PLATFORMS') or distributed.tpu_present()
-      or importlib.util.find_spec('libtpu') is None
-      or _accelerator_plugins()):
-    return False
-  jax.config.update('jax_platforms', 'cpu')
-  return True
+# How libtpu names each generation: its chip configuration giving one JAX
+# device per chip ('megacore' joins v4's two TensorCores, as JAX does on a
+# v4 VM), Cloud TPU's accelerator type prefix, and TensorCores per chip
+# (the accelerator type counts them).
+_LIBTPU_NAMES = {
+    'v4': ('megacore', 'v4', 2),
+    'v5e': ('default', 'v5litepod', 1),
+    'v5p': ('default', 'v5p', 2),
+    'v6e': ('default', 'v6e', 1),
+}
 
 
 def parse_topology(name: str) -> tuple[str, tuple[int, int, int]]:
@@ -124,11 +76,10 @@ def _slice_described_to_libtpu(generation: str,
   are removed after it, as `distributed.detect_cluster` takes
   TPU_WORKER_HOSTNAMES for a Cloud TPU cluster. A TPU VM keeps its own.
   """
-  chip = roofline.CHIPS[generation]
+  _, accelerator, cores_per_chip = _LIBTPU_NAMES[generation]
   settings = {
       'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
-      'TPU_ACCELERATOR_TYPE':
-          f'{chip.accelerator}-{chip.cores_per_chip * chips}',
+      'TPU_ACCELERATOR_TYPE': f'{accelerator}-{cores_per_chip * chips}',
       'TPU_WORKER_HOSTNAMES': 'localhost'}
   added = ([] if distributed.tpu_present()
            else [name for name in settings if name not in os.environ])
@@ -161,7 +112,7 @@ def topology_devices(name: str) -> tuple[jax.Device, ...]:
     with _slice_described_to_libtpu(generation, math.prod(bounds)):
       topology = topologies.get_topology_desc(
           platform='tpu', topology_name=name,
-          chip_config_name=roofline.CHIPS[generation].chip_config,
+          chip_config_name=_LIBTPU_NAMES[generation][0],
           chips_per_host_bounds=bounds, num_slices=1)
   except jax.errors.JaxRuntimeError as error:
     raise TopologyError(
@@ -171,171 +122,12 @@ def topology_devices(name: str) -> tuple[jax.Device, ...]:
   return tuple(topology.devices)
 
 
-# --- The abstract arguments -------------------------------------------------
-
-
-def num_classes(config: Config) -> int:
-  """The dataset's number of labels, without reading (or needing) its data.
-
-  A TFDS catalogue dataset (imagenet2012) declares it in its builder's code;
-  the offline datasets and image folders read it from their source, which
-  prepares in seconds with no network.
+def target(name: str) -> compile_only.Target:
+  """The chips of the TPU slice `name` (e.g. 'v5e:2x2'), to compile for.
 
   Raises:
-    errors.DatasetError: an unknown dataset, or an unreadable source.
+    TopologyError: unknown name, no libtpu, or a shape libtpu refuses.
   """
-  local = (*sources.OFFLINE_BUILDERS, 'folder')
-  if config.dataset in local or (config.dataset == 'fashion_mnist'
-                                 and config.fashion_mnist_dir):
-    return sources.make_source(config).num_classes
-  try:
-    builder = tfds.builder(config.dataset, data_dir=sources.data_root(config))
-  except tfds.core.registered.DatasetNotFoundError as error:
-    raise errors.DatasetError(
-        f'config.dataset={config.dataset!r} is not a TFDS dataset: '
-        f'{str(error).splitlines()[0]}') from None
-  _, label_key = builder.info.supervised_keys or ('image', 'label')
-  return builder.info.features[label_key].num_classes
-
-
-def _per_device(tree: Any, layout: parallel.Layout) -> Any:
-  """Host [towers, ...] leaves -> the steps' [devices, towers here, ...]."""
-  return jax.tree.map(lambda leaf: Struct(
-      (layout.num_devices, layout.towers_per_device, *leaf.shape[1:]),
-      leaf.dtype), tree)
-
-
-def _batch(layout: parallel.Layout, per_replica: int,
-           fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, Any]:
-  """{name: [devices, per_replica, *shape]} of the given dtypes."""
-  return {name: Struct((layout.num_devices, per_replica, *shape), dtype)
-          for name, (shape, dtype) in fields.items()}
-
-
-def _train_arguments(config: Config, layout: parallel.Layout,
-                     state: Any, mean: Struct) -> tuple[Any, ...]:
-  """What train.py feeds `map_train_step`: uint8 crops, offsets, flips."""
-  side = config.image_size
-  batch = _batch(layout, info_lib.per_replica(config, 'batch_size',
-                                              layout.num_replicas), {
-      'image': ((side, side, 3), jnp.uint8), 'offset': ((2,), jnp.int32),
-      'flip': ((), jnp.bool_), 'shift': ((3,), jnp.float32),
-      'label': ((), jnp.int32)})
-  # A Python float and int in train.py: weakly typed scalars.
-  return (state, batch, mean, Struct((), jnp.float32, weak_type=True),
-          Struct((), jnp.int32, weak_type=True))
-
-
-def _eval_arguments(config: Config, layout: parallel.Layout,
-                    params: Any, mean: Struct) -> tuple[Any, ...]:
-  """What evaluation feeds `map_eval_step`: uint8 squares with a mask."""
-  side = config.resize_size
-  batch = _batch(layout, info_lib.per_replica(config, 'eval_batch_size',
-                                              layout.num_replicas), {
-      'image': ((side, side, 3), jnp.uint8), 'label': ((), jnp.int32),
-      'mask': ((), jnp.bool_)})
-  return params, batch, mean
-
-
-# --- Compiling --------------------------------------------------------------
-
-
-def _does_not_fit(config: Config, step: str, field: str, generation: str,
-                  replicas: int, needed: str) -> TopologyError:
-  """The refusal of a step too big for the chip, with the batch that helps."""
-  half = max(replicas, config[field] // 2 // replicas * replicas)
-  fixes = [f'--config.{field}={half}']
-  if config.dtype != 'bfloat16':
-    fixes.append('--config.dtype=bfloat16')
-  return TopologyError(
-      f'the {step} step does not fit in the HBM of a {generation} chip '
-      f'({roofline.format_bytes(roofline.CHIPS[generation].hbm_bytes)}): '
-      f'{needed}. Lower it with {" or ".join(fixes)}, or use more chips.')
-
-
-def _compile_step(step: Any, arguments: tuple[Any, ...], images: int,
-                  refusal: functools.partial) -> roofline.StepCost:
-  """Compiles a mapped step for its devices and reads the compiler's costs.
-
-  Raises:
-    TopologyError: the compiler found that the step overflows the HBM.
-  """
-  try:
-    compiled = step.lower(*arguments).compile()
-  except jax.errors.JaxRuntimeError as error:
-    if not any(mark in str(error) for mark in _MEMORY_ERRORS):
-      raise
-    raise refusal(needed=str(error).splitlines()[0].rstrip('.')) from None
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return roofline.StepCost(
-      images=images, argument_bytes=memory.argument_size_in_bytes,
-      output_bytes=memory.output_size_in_bytes,
-      alias_bytes=memory.alias_size_in_bytes,
-      temp_bytes=memory.temp_size_in_bytes,
-      code_bytes=memory.generated_code_size_in_bytes,
-      flops=cost.get('flops', 0.0),
-      bytes_accessed=cost.get('bytes accessed', 0.0))
-
-
-def _chip_bytes(tree: Any) -> int:
-  """Bytes of one device's slice of [devices, ...] leaves."""
-  return sum(leaf.size // leaf.shape[0] * leaf.dtype.itemsize
-             for leaf in jax.tree.leaves(tree))
-
-
-def _for_tpu(config: Config) -> Config:
-  """A copy with conv_impl 'auto' resolved as on a TPU backend: 'xla'."""
-  config = config.copy_and_resolve_references()
-  if config.conv_impl == 'auto':
-    config.conv_impl = 'xla'
-  return config
-
-
-def compile_steps(config: Config, topology: str) -> roofline.Report:
-  """Compiles the config's train and eval steps for a TPU slice.
-
-  Args:
-    config: the experiment config; the slice's chips replace
-      config.num_devices.
-    topology: the slice, e.g. 'v5e:2x2' (see `parse_topology`).
-
-  Returns:
-    The per-chip report.
-
-  Raises:
-    TopologyError: unknown slice, no libtpu, or a step that does not fit.
-    errors.ConfigError: a config that cannot run on the slice.
-  """
-  devices = topology_devices(topology)
-  generation = parse_topology(topology)[0]
-  config = _for_tpu(config)
-  layout = parallel.Layout.create(config.model_parallel, devices,
-                                  towers=config.towers)
-  config_checks.validate(config, layout)
-  classes = num_classes(config)
-  host = jax.eval_shape(functools.partial(
-      steps.initial_tree, config, steps.create_model(config, classes)))
-  state = _per_device({'params': host['params'],
-                       'opt_state': host['opt_state']}, layout)
-  side = config.resize_size
-  mean = Struct((layout.num_devices, side, side, 3), jnp.float32)
-  model = steps.create_model(config, classes, layout.exchange)
-  start = time.perf_counter()
-  costs = {}
-  for name, field, step, arguments in [
-      ('train', 'batch_size', steps.map_train_step(model, layout, config),
-       _train_arguments(config, layout, state, mean)),
-      ('eval', 'eval_batch_size', steps.map_eval_step(model, layout, config),
-       _eval_arguments(config, layout, state['params'], mean))]:
-    refusal = functools.partial(_does_not_fit, config, name, field,
-                                generation, layout.num_replicas)
-    costs[name] = _compile_step(step, arguments, config[field], refusal)
-    if costs[name].total_bytes > roofline.CHIPS[generation].hbm_bytes:
-      raise refusal(
-          needed=roofline.format_bytes(costs[name].total_bytes))
-  return roofline.Report(
-      topology, config, layout, classes, _chip_bytes(state['params']),
-      _chip_bytes(state['opt_state']),
-                costs['train'], costs['eval'], time.perf_counter() - start)
+  return compile_only.Target(
+      name, topology_devices(name), roofline.CHIPS[parse_topology(name)[0]],
+      f'libtpu {importlib.metadata.version("libtpu")}')

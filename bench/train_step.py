@@ -90,7 +90,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 
 from alexnet import parallel  # pylint: disable=g-import-not-at-top
 from alexnet import steps  # pylint: disable=g-import-not-at-top
-from alexnet import tpu  # pylint: disable=g-import-not-at-top
+from alexnet import backend  # pylint: disable=g-import-not-at-top
 from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
 from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
 
@@ -256,7 +256,7 @@ def main() -> None:
                      f'whose classes this bench does not know')
   num_classes = NUM_CLASSES[config.dataset]
   dtype = jnp.dtype(args.dtype)
-  tpu.keep_jax_off_absent_tpu()  # As main.py does: no libtpu warnings.
+  backend.start()  # As main.py does: no libtpu warnings, no ignored GPU.
   devices = jax.devices()
   if args.devices > len(devices):
     raise SystemExit(f'--devices={args.devices} but only {len(devices)} '
