@@ -257,23 +257,21 @@ def lower_steps(config: Config, target: Target) -> LoweredSteps:
                           + device_bytes(eval_batch))})
 
 
-def compile_steps(config: Config, target: Target) -> roofline.Report:
-  """Compiles the config's train and eval steps for the target's devices.
+def compile_lowered(lowered: LoweredSteps,
+                    target: Target) -> roofline.Report:
+  """Compiles steps lowered by `lower_steps` and reports their costs.
 
   Args:
-    config: the experiment config; the target's devices replace
-      config.num_devices.
-    target: the devices (`tpu.target`, `gpu.target`).
+    lowered: the steps, lowered for the target.
+    target: the devices they were lowered for.
 
   Returns:
     The per-device report.
 
   Raises:
     TopologyError: a step that does not fit.
-    errors.ConfigError: a config that cannot run on the devices.
   """
   start = time.perf_counter()
-  lowered = lower_steps(config, target)
   config, layout = lowered.config, lowered.layout
   costs = {}
   for name, step in lowered.steps.items():
@@ -290,3 +288,21 @@ def compile_steps(config: Config, target: Target) -> roofline.Report:
       layout, lowered.num_classes, device_bytes(state['params']),
       device_bytes(state['opt_state']), costs['train'], costs['eval'],
       time.perf_counter() - start)
+
+
+def compile_steps(config: Config, target: Target) -> roofline.Report:
+  """Compiles the config's train and eval steps for the target's devices.
+
+  Args:
+    config: the experiment config; the target's devices replace
+      config.num_devices.
+    target: the devices (`tpu.target`, `gpu.target`).
+
+  Returns:
+    The per-device report.
+
+  Raises:
+    TopologyError: a step that does not fit.
+    errors.ConfigError: a config that cannot run on the devices.
+  """
+  return compile_lowered(lower_steps(config, target), target)

@@ -3,7 +3,8 @@
 XLA:GPU's compiled programs report no cost analysis (JAX 0.10), so the GPU
 roofline counts the FLOPs itself, on the StableHLO that JAX lowers: two per
 multiply-add of every `stablehlo.convolution` and `stablehlo.dot_general`,
-which is what the tensor cores run. Elementwise work (ReLU, LRN, pooling,
+which is what the tensor cores run. As in XLA's own count, a convolution's
+multiply-adds with padding are left out. Elementwise work (ReLU, LRN, pooling,
 the update) is left out: the count is a lower bound on the work, and so
 still gives a lower bound on the step time. For AlexNet it is within a few
 per cent of XLA's own count of the whole step (tests/test_gpu_compile.py
@@ -22,13 +23,53 @@ def _shape(value: ir.Value) -> list[int]:
   return ir.RankedTensorType(value.type).shape
 
 
+def _ints(op: ir.Operation, name: str, default: list[int]) -> list[int]:
+  """An integer array attribute of `op`, or its default where absent."""
+  if name not in op.attributes:
+    return default
+  attribute = op.attributes[name]
+  if name == 'padding':  # [spatial dims, 2] elements, flattened.
+    return [int(value) for value in ir.DenseIntElementsAttr(attribute)]
+  return list(ir.DenseI64ArrayAttr(attribute))
+
+
+def _valid_pairs(size: int, outputs: int, taps: int, stride: int,
+                 low: int, lhs_dilation: int, rhs_dilation: int) -> int:
+  """(output, kernel tap) pairs along one spatial axis that read an input
+  element, not padding or a hole of the input's dilation."""
+  pairs = 0
+  for out in range(outputs):
+    for tap in range(taps):
+      position = out * stride + tap * rhs_dilation - low
+      if (position >= 0 and position % lhs_dilation == 0
+          and position // lhs_dilation < size):
+        pairs += 1
+  return pairs
+
+
 def _convolution(op: ir.Operation) -> float:
-  """2 x output elements x (kernel elements per output feature)."""
+  """2 x multiply-adds that read the input (padding left out, as XLA does).
+
+  Per output feature and batch element, every input feature of the kernel
+  meets the valid (output, tap) pairs of each spatial axis.
+  """
   numbers = stablehlo.ConvDimensionNumbers(op.attributes['dimension_numbers'])
-  kernel = _shape(op.operands[1])
-  per_output = (math.prod(kernel)
-                // kernel[numbers.kernel_output_feature_dimension])
-  return 2.0 * math.prod(_shape(op.results[0])) * per_output
+  lhs, kernel, out = (_shape(op.operands[0]), _shape(op.operands[1]),
+                      _shape(op.results[0]))
+  axes = len(numbers.input_spatial_dimensions)
+  strides = _ints(op, 'window_strides', [1] * axes)
+  padding = _ints(op, 'padding', [0] * 2 * axes)
+  lhs_dilation = _ints(op, 'lhs_dilation', [1] * axes)
+  rhs_dilation = _ints(op, 'rhs_dilation', [1] * axes)
+  spatial = math.prod(
+      _valid_pairs(lhs[numbers.input_spatial_dimensions[axis]],
+                   out[numbers.output_spatial_dimensions[axis]],
+                   kernel[numbers.kernel_spatial_dimensions[axis]],
+                   strides[axis], padding[2 * axis], lhs_dilation[axis],
+                   rhs_dilation[axis]) for axis in range(axes))
+  return (2.0 * out[numbers.output_batch_dimension]
+          * out[numbers.output_feature_dimension]
+          * kernel[numbers.kernel_input_feature_dimension] * spatial)
 
 
 def _dot(op: ir.Operation) -> float:

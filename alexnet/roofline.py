@@ -140,7 +140,7 @@ class Report:
     optimizer_bytes: one device's optimizer state (the momentum).
     train: the train step's costs.
     eval: the eval step's costs.
-    seconds: the time both compilations took.
+    seconds: the time both compilations took (lowering excluded).
   """
 
   topology: str
