@@ -129,3 +129,11 @@ def target(name: str) -> compile_only.Target:
       name, tuple(topology.devices), gpu.accelerator(),
       f'XLA:GPU of jax-cuda12-pjrt '
       f'{importlib.metadata.version("jax-cuda12-pjrt")}')
+
+
+def kind_of(device_kind: str) -> str | None:
+  """The `GPUS` key of a real GPU, by the name it gives JAX, or None."""
+  for kind, known in GPUS.items():
+    if f'device_description_str: "{device_kind}"' in known.target_config():
+      return kind
+  return None
