@@ -103,9 +103,16 @@ def parse_topology(name: str) -> tuple[str, int]:
   return kind, int(count)
 
 
+def _cuda_plugin_installed() -> bool:
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:  # Not even the plugins' namespace package.
+    return False
+
+
 def require_cuda_plugin() -> None:
   """Refuses to go on without XLA:GPU, naming the install."""
-  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+  if not _cuda_plugin_installed():
     raise TopologyError(
         '--mode=compile for GPUs needs JAX\'s CUDA plugin, the GPU '
         f'compiler, which is not installed: pip install {CUDA_PLUGIN} (or '

@@ -20,6 +20,8 @@
 #   4. one minute of the digits default (main.py, stopped by SIGTERM, which
 #      checkpoints), then that checkpoint's test error: the last progress
 #      line and the evaluation lines.
+# Everything it makes (environment, run, logs) is left in the temporary
+# directory it names first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

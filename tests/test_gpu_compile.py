@@ -7,8 +7,8 @@ wherever the suite does.
 """
 
 import functools
-import importlib.util
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,9 @@ def test_gpu_names_a_missing_plugin_and_a_step_too_big_are_refused(
   message = str(refusal.value)
   assert 'train step does not fit in the memory of one NVIDIA A100' in message
   assert '--config.batch_size=1048576 or --config.dtype=bfloat16' in message
-  monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+  # As on a CPU-only install: no plugin, not even their namespace package.
+  monkeypatch.delitem(sys.modules, 'jax_plugins.xla_cuda12')
+  monkeypatch.setitem(sys.modules, 'jax_plugins', None)
   with pytest.raises(gpu.TopologyError,
                      match=r'pip install jax-cuda12-plugin==0\.10\.2'):
     gpu.target('h100:8')
