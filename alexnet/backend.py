@@ -10,8 +10,10 @@ need help from `start`, called before that:
   back to the CPU. `start` starts JAX on the CPU directly.
 * NVIDIA GPUs on the machine that JAX cannot use (no CUDA plugin, or one
   that fails to start): JAX would train on the CPU, days slower, with one
-  warning at most. `start` and `check_started` refuse instead, naming the
-  GPUs and the install line. JAX_PLATFORMS=cpu, set on purpose, is obeyed.
+  warning at most. `start` gives JAX the platforms 'cuda,cpu' (no other
+  plugin tried, no silent fallback) and, with `check_started`, refuses
+  instead, naming the GPUs and the install line. JAX_PLATFORMS=cpu, set on
+  purpose, is obeyed.
 
 The GPUs are found as the kernel lists them: a PCI device of NVIDIA's vendor
 id whose class is a display or 3D controller, named by the NVIDIA driver
@@ -127,19 +129,21 @@ def _refusal(gpus: list[str], why: str) -> GpuError:
 
 def start(environ: Mapping[str, str] = os.environ,
           need_gpus: bool = True) -> str | None:
-  """Chooses JAX's backend where JAX alone would choose badly.
+  """Chooses JAX's backends where JAX alone would choose badly.
 
   Call it before anything touches a device.
 
   Args:
     environ: the environment (a parameter for tests).
-    need_gpus: refuse NVIDIA GPUs that JAX has no plugin for (False for
-      --mode=compile, which uses no device).
+    need_gpus: refuse NVIDIA GPUs that JAX has no plugin for, and start JAX
+      on them and the CPU only (False for --mode=compile, which uses no
+      device).
 
   Returns:
-    'cpu' where it started JAX on the CPU (no accelerator here), else None:
-    JAX_PLATFORMS set, a TPU or GPU present, or a plugin for hardware this
-    code cannot see (e.g. ROCm) installed.
+    The platforms it gave JAX: 'cpu' (no accelerator here), 'cuda,cpu'
+    (NVIDIA GPUs: no other plugin tried, and a CUDA plugin that fails is an
+    error, not a fallback); or None where JAX chooses: JAX_PLATFORMS set, a
+    TPU present, or a plugin for hardware this code cannot see (ROCm).
 
   Raises:
     GpuError: NVIDIA GPUs present, no CUDA plugin, `need_gpus`.
@@ -151,33 +155,39 @@ def start(environ: Mapping[str, str] = os.environ,
   plugins = _jax_plugins()
   cuda = {name for name in plugins if 'cuda' in name}
   gpus = nvidia_gpus(root)
-  if gpus:
-    if need_gpus and not cuda:
-      raise _refusal(gpus, 'JAX has no CUDA plugin to run on them')
+  if gpus and not need_gpus:
     return None
-  if plugins - cuda:
+  if gpus and not cuda:
+    raise _refusal(gpus, 'JAX has no CUDA plugin to run on them')
+  if not gpus and plugins - cuda:
     return None
-  jax.config.update('jax_platforms', 'cpu')
-  return 'cpu'
+  platforms = 'cuda,cpu' if gpus else 'cpu'
+  jax.config.update('jax_platforms', platforms)
+  return platforms
 
 
 def check_started(environ: Mapping[str, str] = os.environ) -> None:
-  """Refuses a run that JAX started on the CPU beside NVIDIA GPUs.
+  """Refuses a run that JAX cannot start on the NVIDIA GPUs it has.
 
-  Call it after `start`; it starts JAX's backend.
+  Call it after `start`; it starts JAX's backends.
 
   Raises:
-    GpuError: NVIDIA GPUs present, JAX_PLATFORMS unset, and JAX's default
-      backend is not the GPU (its CUDA plugin failed to start: JAX's warning
-      before this says why).
+    GpuError: NVIDIA GPUs present, JAX_PLATFORMS unset, and JAX's CUDA
+      backend failed to start, or JAX's default backend is not the GPU.
   """
   if environ.get('JAX_PLATFORMS'):
     return
   gpus = nvidia_gpus(hardware_root(environ))
-  if gpus and jax.default_backend() != 'gpu':
-    raise _refusal(gpus, f'JAX started on its {jax.default_backend()} '
-                   'backend: its CUDA plugin did not start (see its warning '
-                   'above)')
+  if not gpus:
+    return
+  try:
+    platform = jax.default_backend()
+  except RuntimeError as error:  # 'Unable to initialize backend 'cuda'...'
+    raise _refusal(gpus, 'JAX\'s CUDA backend did not start ('
+                   + str(error).splitlines()[0].rstrip('.') + ')') from None
+  if platform != 'gpu':
+    raise _refusal(gpus, f'JAX started on its {platform} backend: its '
+                   'CUDA plugin found no GPU it can use')
 
 
 def describe_devices(devices: Sequence[jax.Device]) -> str:

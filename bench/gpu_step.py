@@ -108,7 +108,11 @@ def bounds(config, layout: parallel.Layout, kind: str) -> dict[str, float]:
 
 def main() -> None:
   args = _parse_args(None)
-  backend.start()
+  try:
+    backend.start()
+    backend.check_started()
+  except backend.GpuError as error:
+    raise SystemExit(f'error: {error}') from None
   devices = jax.local_devices()
   if devices[0].platform != 'gpu' and not args.allow_cpu:
     raise SystemExit(f'error: no GPU here (JAX runs on {devices[0].platform})'

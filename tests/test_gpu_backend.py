@@ -75,8 +75,7 @@ def test_start_refuses_gpus_without_the_cuda_plugin_in_one_line(
   assert backend.start(_environ(root), need_gpus=False) is None
 
 
-def test_start_leaves_accelerators_to_jax_and_starts_the_cpu_otherwise(
-    tmp_path, monkeypatch):
+def test_start_keeps_jax_to_the_hardware_there(tmp_path, monkeypatch):
   chosen = []
   monkeypatch.setattr(jax.config, 'update',
                       lambda name, value: chosen.append((name, value)))
@@ -84,21 +83,24 @@ def test_start_leaves_accelerators_to_jax_and_starts_the_cpu_otherwise(
   cpu_only = _machine(tmp_path / 'cpu', [_GVNIC])
   tpu = _machine(tmp_path / 'tpu', [('0x1ae0', '0x0063', '0x088000')])
   monkeypatch.setattr(backend, '_jax_plugins', lambda: {'xla_cuda12'})
-  assert backend.start(_environ(gpus)) is None  # JAX's CUDA plugin runs.
+  # GPUs: JAX's CUDA plugin, and no fallback to another backend but the
+  # CPU's; for --mode=compile, JAX's own choice.
+  assert backend.start(_environ(gpus)) == 'cuda,cpu'
+  assert backend.start(_environ(gpus), need_gpus=False) is None
   assert backend.start(_environ(tpu)) is None  # libtpu runs.
-  assert chosen == []
   # The CUDA plugin (and libtpu) installed, no GPU or TPU: the CPU, without
   # JAX trying them first.
   assert backend.start(_environ(cpu_only)) == 'cpu'
-  assert chosen == [('jax_platforms', 'cpu')]
+  assert chosen == [('jax_platforms', 'cuda,cpu'), ('jax_platforms', 'cpu')]
   # A plugin for hardware this code cannot see: left to JAX.
   monkeypatch.setattr(backend, '_jax_plugins',
                       lambda: {'xla_cuda12', 'xla_rocm7'})
   assert backend.start(_environ(cpu_only)) is None
 
 
-def test_a_cpu_backend_beside_gpus_is_refused_after_jax_starts(tmp_path):
-  # The tests run JAX on the CPU: as where the CUDA plugin fails to start.
+def test_gpus_jax_cannot_start_on_are_refused_after_it_starts(
+    tmp_path, monkeypatch):
+  # The tests run JAX on the CPU: as where the CUDA plugin finds no GPU.
   assert jax.default_backend() == 'cpu'
   root = _machine(tmp_path, [_H100], driver=['NVIDIA H100 80GB HBM3'])
   with pytest.raises(backend.GpuError,
@@ -107,6 +109,17 @@ def test_a_cpu_backend_beside_gpus_is_refused_after_jax_starts(tmp_path):
     backend.check_started(_environ(root))
   backend.check_started(_environ(root, JAX_PLATFORMS='cpu'))
   backend.check_started(_environ(_machine(tmp_path / 'cpu', [_GVNIC])))
+  # With JAX's platforms set to 'cuda,cpu', a CUDA backend that fails to
+  # start is JAX's error: its first line joins the refusal.
+  def fail():
+    raise RuntimeError("Unable to initialize backend 'cuda': INTERNAL: no "
+                       'supported devices found for platform CUDA.\nmore')
+  monkeypatch.setattr(jax, 'default_backend', fail)
+  with pytest.raises(backend.GpuError) as refusal:
+    backend.check_started(_environ(root))
+  assert ("but JAX's CUDA backend did not start (Unable to initialize "
+          "backend 'cuda': INTERNAL: no supported devices found for platform "
+          'CUDA). Install the GPU set') in str(refusal.value)
 
 
 def test_the_start_up_line_names_kind_count_and_memory():
@@ -129,7 +142,7 @@ def test_main_refuses_a_gpu_host_jax_cannot_use_and_trains_when_told_to(
              f'--config.data_dir={tiny().data_dir}',
              f'--workdir={tmp_path / "run"}']
   # The CUDA plugin is installed here but finds no GPU (no driver): JAX
-  # would start on the CPU.
+  # would start on the CPU. (Its own traceback comes first.)
   refused = subprocess.run(command, cwd=repo, env=env, capture_output=True,
                            text=True, timeout=300)
   assert refused.returncode == 1
