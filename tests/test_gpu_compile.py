@@ -18,6 +18,7 @@ from alexnet import compile_only
 from alexnet import flops
 from alexnet import gpu
 from alexnet import steps
+import main
 
 
 @pytest.mark.parametrize('topology, replicas', [('h100:2', 1), ('h100:4', 2)])
@@ -81,6 +82,11 @@ def test_the_flop_count_equals_xla_cpus_for_convolutions_and_matmuls():
 def test_gpu_names_a_missing_plugin_and_a_step_too_big_are_refused(
     tiny, monkeypatch):
   assert gpu.parse_topology('a100-40gb:8') == ('a100-40gb', 8)
+  # main.py's --topology names either: refused, it lists both.
+  with pytest.raises(compile_only.TopologyError,
+                     match=r"'v6e'\] \(e.g. v5e:2x2\), or .* GPU one of "
+                     r"\['h100', 'a100', 'a100-40gb'\]"):
+    main._compile_target('h200:8')
   for name in ('h200:8', 'h100', 'h100:0', 'h100:9', 'h100:x'):
     with pytest.raises(gpu.TopologyError,
                        match=r"'h100', 'a100', 'a100-40gb'"):
