@@ -30,18 +30,19 @@ ABSL_CALLS = ('DEFINE', 'mark_flag', 'register_validator',
 OPERATORS = {'&&', '||', ';', '|', '&'}
 
 
-def documents(repo):
+def _documents(repo):
+  """README.md and the pages of docs/."""
   return [os.path.join(repo, 'README.md')] + sorted(
       glob.glob(os.path.join(repo, 'docs', '*.md')))
 
 
-def shell_blocks(text):
+def _shell_blocks(text):
   """The fenced ```sh blocks of a Markdown text, continuations joined."""
   return [block.replace('\\\n', ' ')
           for block in re.findall(r'^```sh\n(.*?)^```', text, re.S | re.M)]
 
 
-def script_commands(shell):
+def _script_commands(shell):
   """(script path, arguments) of each script command in shell text.
 
   Args:
@@ -63,16 +64,17 @@ def script_commands(shell):
       if word not in OPERATORS:
         command.append(word)
         continue
-      found += _script_command(command)
+      found += _script_in(command)
       command = []
     for word in words:  # A command quoted for another program.
       quoted = word.split('=', 1)[-1]
       if ' ' in quoted and re.search(r'main\.py|experiments|bench', quoted):
-        found += script_commands(quoted)
+        found += _script_commands(quoted)
   return found
 
 
-def _script_command(words):
+def _script_in(words):
+  """[(script path, its arguments)] if `words` run a script, else []."""
   for i, word in enumerate(words):
     if SCRIPT.search(word) and i and 'python' in words[i - 1]:
       return [(SCRIPT.search(word)[1], words[i + 1:])]
@@ -116,6 +118,7 @@ class _Namespace(dict):
 
 
 def _bound_names(node):
+  """The names a module-level statement binds."""
   if isinstance(node, (ast.Import, ast.ImportFrom)):
     return {(alias.asname or alias.name).split('.')[0]
             for alias in node.names}
@@ -128,8 +131,10 @@ def _bound_names(node):
 
 
 def _calls(tree, names):
-  """Module-level statements (also under `if __name__ == ...`) that call
-  a function whose name starts with one of `names`."""
+  """Module-level calls of functions whose names start with one of `names`.
+
+  Also those under a module-level `if`, such as `if __name__ == '__main__'`.
+  """
   statements = []
   for node in tree.body:
     body = node.body if isinstance(node, ast.If) else [node]
@@ -158,9 +163,8 @@ def _parse_absl(tree, path, argv):
           'sys_argv', ast.Name('_doc_argv', ast.Load())))
   namespace.run([ast.fix_missing_locations(s) for s in statements])
   left = flag_values(argv)
-  for name in flag_values:
-    if name == 'config' or name.startswith('config.'):
-      flag_values[name].value  # A config file loads when first read.
+  if 'config' in flag_values:
+    flag_values.config.keys()  # As main.py: a config file that fails, fails.
   if left[1:]:
     raise ValueError(f'arguments that are not flags: {left[1:]}')
 
@@ -189,7 +193,7 @@ def _parse_argparse(tree, path, argv):
     raise ValueError(f'{path} takes no arguments: {argv[1:]}')
 
 
-def parse(repo, script, arguments):
+def _parse(repo, script, arguments):
   """Raises if the script's own parser refuses the arguments."""
   path = os.path.join(repo, script)
   with open(path) as f:
@@ -202,12 +206,13 @@ def parse(repo, script, arguments):
     _parse_absl(tree, path, argv)
 
 
-def documented_commands(repo):
+def _documented_commands(repo):
+  """A test parameter (script, arguments) per documented script command."""
   commands = []
-  for document in documents(repo):
+  for document in _documents(repo):
     with open(document) as f:
-      for block in shell_blocks(f.read()):
-        for script, arguments in script_commands(block):
+      for block in _shell_blocks(f.read()):
+        for script, arguments in _script_commands(block):
           name = os.path.relpath(document, repo)
           commands.append(pytest.param(script, arguments,
                                        id=f'{name}: {script}'))
@@ -218,16 +223,16 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_documents_have_commands(repo):
-  scripts = {param.values[0] for param in documented_commands(repo)}
+  scripts = {param.values[0] for param in _documented_commands(repo)}
   assert {'main.py', 'experiments/figure4.py', 'bench/train_step.py'} <= (
       scripts), scripts
 
 
-@pytest.mark.parametrize('script,arguments', documented_commands(_REPO))
+@pytest.mark.parametrize('script,arguments', _documented_commands(_REPO))
 def test_every_documented_command_parses(repo, monkeypatch, script,
                                          arguments):
   monkeypatch.chdir(repo)  # Config files are named from the root.
-  parse(repo, script, arguments)
+  _parse(repo, script, arguments)
 
 
 @pytest.mark.parametrize('command', [
@@ -249,9 +254,9 @@ def test_every_documented_command_parses(repo, monkeypatch, script,
 ])
 def test_a_wrong_command_is_refused(repo, monkeypatch, command):
   monkeypatch.chdir(repo)
-  [(script, arguments)] = script_commands(command)
+  [(script, arguments)] = _script_commands(command)
   with pytest.raises(Exception):  # Each parser raises its own kind.
-    parse(repo, script, arguments)
+    _parse(repo, script, arguments)
 
 
 def _anchors(text):
@@ -264,7 +269,7 @@ def _anchors(text):
 def test_every_link_to_a_section_finds_it(repo):
   """Links such as docs/results.md#summary, within README.md and docs/."""
   dead = []
-  for document in documents(repo):
+  for document in _documents(repo):
     with open(document) as f:
       text = f.read()
     for target, anchor in re.findall(r'\]\(([^)#\s]*)#([^)\s]+)\)', text):
@@ -285,6 +290,6 @@ def test_commands_are_found_where_users_write_them():
            'gcloud x ssh N --command="cd a && .venv/bin/python main.py '
            '--mode=eval"\n'
            'python -m pytest -q tests\n')
-  assert script_commands(shell) == [
+  assert _script_commands(shell) == [
       ('main.py', ['--config=c']), ('bench/ablations.py', ['--seeds=1']),
       ('main.py', ['--mode=eval'])]
