@@ -16,8 +16,8 @@ Select a variant with the config string, e.g. `--config=configs/alexnet.py:digit
   67-pixel input: the smallest input that survives the paper's five convs
   and three pools. Same layers, towers, LRN and optimizer as the paper;
   Caffe's initialisation, because with the paper's init (biases 1, fc std
-  0.01) this small problem stays at chance, see README. The measured result
-  and time are in README.md ("Results").
+  0.01) this small problem stays at chance, see docs/faithfulness.md. The
+  measured result and time are in docs/results.md.
 
       python main.py --config=configs/alexnet.py:digits --workdir=runs/digits
 
@@ -28,7 +28,7 @@ Select a variant with the config string, e.g. `--config=configs/alexnet.py:digit
   The digits' input size and initialisation; trains on the first 90% of
   the training images, chooses on the last 10% and reports the test set;
   12 epochs with two learning-rate drops, centre-crop evaluation, about an
-  hour on a 2-core CPU (README, Results).
+  hour on a 2-core CPU (docs/results.md).
 
       python main.py --config=configs/alexnet.py:fashion_mnist \
           --workdir=runs/fashion_mnist
@@ -146,7 +146,7 @@ def paper_config() -> ml_collections.ConfigDict:
   # N); e.g. 100 for a few-shot training set. 0 keeps all.
   config.train_examples_per_class = 0
 
-  # --- Fine-tuning (README, Fine-tuning) ------------------------------------
+  # --- Fine-tuning (docs/pretrained.md) -------------------------------------
   # Start a new run from a checkpoint: a workdir (its latest checkpoint),
   # its checkpoints/ folder, or one step of it (<workdir>/checkpoints/1200).
   # Only the parameters are taken; the step and optimizer start fresh.
@@ -280,7 +280,7 @@ def _small_images(config: ml_collections.ConfigDict) -> None:
   # 76/67 keeps the paper's 256/227 ratio of resize to crop.
   config.resize_size = 76
   config.image_size = 67
-  # The paper's init stays at chance on such inputs (README).
+  # The paper's init stays at chance on such inputs (docs/faithfulness.md).
   config.init_scheme = 'caffe'
   config.batch_size = 64
   config.eval_batch_size = 250
@@ -304,10 +304,10 @@ def _digits(config: ml_collections.ConfigDict) -> None:
 def _fashion_mnist(config: ml_collections.ConfigDict) -> None:
   """Fashion-MNIST from Debian's IDX files at the smallest valid input.
 
-  The recipe (README, Fashion-MNIST) was chosen on the held-out last 10% of
-  the training files, never on the test set: training reads the first 90%,
-  and every evaluation reports both the held-out slice ('minival') and the
-  10,000 test images ('eval').
+  The recipe (docs/results.md, Fashion-MNIST) was chosen on the held-out
+  last 10% of the training files, never on the test set: training reads the
+  first 90%, and every evaluation reports both the held-out slice
+  ('minival') and the 10,000 test images ('eval').
   """
   _small_images(config)
   config.dataset = 'fashion_mnist'
@@ -321,7 +321,7 @@ def _fashion_mnist(config: ml_collections.ConfigDict) -> None:
   config.batch_size = 128
   config.learning_rate = 0.02
   # 12 epochs of 421 steps, the rate divided by 10 at epochs 8 and 11:
-  # about an hour on the 2-core development CPU (README, Results). 10-crop
+  # about an hour on the 2-core development CPU (docs/results.md). 10-crop
   # evaluation of the 16,000 evaluated images would add minutes per
   # evaluation there: turn it on with --config.ten_crop=True where
   # evaluation is cheap.

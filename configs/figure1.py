@@ -15,8 +15,8 @@ For each of three seeds trains both nets; writes `figure1.png`,
 `figure1.json` and TensorBoard scalars into the workdir and prints a table
 of the epochs each needs to reach 25%, 15% and 10% training error and their
 ratio tanh / ReLU (mean ± std over the seeds). About 4 CPU-minutes per
-seed; 71 minutes wall on the 2-core CPU shared with six other jobs (README,
-Results).
+seed; 71 minutes wall on the 2-core CPU shared with six other jobs
+(docs/results.md, Figure 1).
 """
 
 import ml_collections

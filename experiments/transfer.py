@@ -17,10 +17,10 @@ from its checkpoints, so the study can be run in several sittings (e.g. one
 --seeds at a time, or two processes with disjoint --seeds once the
 pretraining is done) and the table re-printed for free.
 
-Measured (README, Results): fine-tuned 76.1 +- 5.1% against 40.9 +- 1.4%
-from scratch (3 seeds, chance 20%). Cost on the 2-core development CPU,
-shared with other jobs: the pretraining about 35 minutes, each of the six
-other runs 15-25 minutes.
+Measured (docs/results.md, Transfer): fine-tuned 76.1 +- 5.1% against
+40.9 +- 1.4% from scratch (3 seeds, chance 20%). Cost on the 2-core
+development CPU, shared with other jobs: the pretraining about 35 minutes,
+each of the six other runs 15-25 minutes.
 """
 
 import argparse

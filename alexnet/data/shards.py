@@ -221,7 +221,7 @@ def shards_source(config: Config) -> sources.Source:
   tag = sources.make_source(config).tag
   directory = shards_directory(config, tag)
   command = ('python main.py --mode=prepare --config=<the same config and '
-             'overrides> (see README, "Pre-resized shards").')
+             'overrides> (see docs/training.md, "Pre-resized shards").')
   manifest = _read_manifest(directory, command)
   counts = manifest['splits']
   sizes = {split: sources.SplitSize(sum(c)) for split, c in counts.items()}
