@@ -217,6 +217,20 @@ class Bench:
     return self.images.shape[1] * self.layout.num_replicas
 
 
+def sgemm_gflops(size: int = 2048, repeats: int = 3) -> float:
+  """GFLOP/s of JAX's float32 matmul of two size x size matrices, the best
+  of `repeats`: the bound a step of matmuls and convolutions can reach."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
 def summarise(figures: dict[str, list[float]],
               base: str = 'JAX') -> dict[str, tuple[float, float | None]]:
   """Medians of each contender's images/s and of `base`'s ratios to it.
@@ -266,6 +280,7 @@ def run_step_bench(args, layout: parallel.Layout,
   """
   bench = Bench(layout, config, num_classes)
   peers = _peers(config, num_classes, torch_ok)
+  sgemm = [sgemm_gflops()]
   rows = {}
   for mode in ('train', 'eval'):
     figures = {'JAX': []}
@@ -282,6 +297,9 @@ def run_step_bench(args, layout: parallel.Layout,
           continue
         figures.setdefault(name, []).append(ips)
     rows[mode] = figures
+  sgemm.append(sgemm_gflops())
+  print('JAX sgemm (2048^3, float32), before and after the rounds: '
+        + ', '.join(f'{g:.0f}' for g in sgemm) + ' GFLOP/s')
   compiled = peers.get('compile')
   if compiled:
     print('torch.compile warm-up (untimed): ' + ', '.join(
