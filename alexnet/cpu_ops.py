@@ -27,9 +27,11 @@ import jax.numpy as jnp
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
-# Images per block of patches: conv1's patches of 16 images are 70 MB.
-_PATCH_CHUNK = 16
-# Narrowest maps whose 3x3 convolutions take the patch kernel gradient.
+# Images per block of patches: conv1's patches of 8 images are 35 MB, about
+# the last-level cache; 8 took 5-15% less CPU time than 16 at conv1 and
+# conv2 (bench/train_step.py --per_layer).
+_PATCH_CHUNK = 8
+# Narrowest maps whose stride-1 convolutions take the patch kernel gradient.
 _PATCH_MIN_WIDTH = 8
 
 
@@ -145,10 +147,10 @@ def patch_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
 
   Measured on XLA CPU (`bench/train_step.py --kernels`), blocked patches
   are faster for strided convolutions (conv1, forward and kernel gradient)
-  and for 3x3 kernels on maps at least 8 wide (conv3-conv5 at 227 pixels,
-  whose XLA kernel gradient is a convolution with a 13x13 "kernel"); XLA's
-  own is faster for conv2 (5x5 on 27x27) and for 3x3 kernels on the 3x3
-  maps of 67-pixel inputs.
+  and for kernel gradients on maps at least 8 wide (conv2-conv5 at 227
+  pixels, whose XLA kernel gradient is a convolution with a 27x27 or 13x13
+  "kernel"); XLA's own is faster for the 3x3 and 7x7 maps of 67-pixel
+  inputs.
 
   Args:
     x: [N, H, W, C_in] input.
@@ -159,7 +161,7 @@ def patch_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
   Returns:
     [N, rows, cols, C_out], like `xla_conv`.
   """
-  if stride > 1 or (kernel.shape[0] <= 3 and x.shape[2] >= _PATCH_MIN_WIDTH):
+  if stride > 1 or x.shape[2] >= _PATCH_MIN_WIDTH:
     return _patch_grad_conv(x, kernel, stride, pads)
   return xla_conv(x, kernel, stride, pads)
 

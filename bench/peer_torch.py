@@ -11,20 +11,22 @@ Tensors are NCHW as PyTorch requires, but stored in `channels_last` (NHWC)
 memory format: that is the layout the JAX model uses and the one oneDNN runs
 fastest on CPU.
 
-torch is an optional, bench-only dependency (`pip install torch==2.13.0`, the
-CPU wheel); `available()` says whether it can be imported, and nothing here
-imports torch at module import time, so the JAX benchmark can import this file
-unconditionally.
+torch is an optional, bench-only dependency (`pip install torch==2.14.1`, the
+CPU wheel; `torch.compile` also needs a C++ compiler); `available()` says
+whether it can be imported, and nothing here imports torch at module import
+time, so the JAX benchmark can import this file unconditionally.
 
 Timing: each figure is `batch_size * steps / total_seconds`, where
 `total_seconds` is the sum of `time.perf_counter()` spans around whole steps
-(forward, and for training backward plus optimizer step) after warm-up. That
+(forward, and for training backward plus optimizer step) after warm-up
+(and, for `torch.compile`, after its compiling calls). That
 is total/steps, not a median: with few, multi-second steps the mean is stable
 and it is what an epoch would cost.
 
 Run as a script:
 
   python bench/peer_torch.py --batch_size=128 --steps=3
+  python bench/peer_torch.py --batch_size=128 --steps=3 --compile
   python bench/peer_torch.py --batch_size=64 --image_size=67 --num_classes=10
 """
 
@@ -58,6 +60,18 @@ _LRN_IMPLS = ('native', 'banded')
 def available() -> bool:
   """Returns whether torch can be imported (it is an optional dependency)."""
   return importlib.util.find_spec('torch') is not None
+
+
+def import_before_jax() -> None:
+  """Imports torch and its compiler stack; call before importing JAX.
+
+  With the CUDA wheel of torch, loading triton (which `torch.compile`
+  imports) after JAX and the libraries the JAX benchmark loads crashes the
+  process (a segmentation fault in the extension's loader); loaded first,
+  both work.
+  """
+  import torch  # pylint: disable=unused-import
+  import torch._dynamo  # pylint: disable=unused-import,protected-access
 
 
 def feature_map_size(image_size: int) -> int:
@@ -238,107 +252,124 @@ def _check_args(batch_size: int, steps: int, warmup: int) -> None:
         f'{steps}, {warmup}')
 
 
-def measure_train(batch_size: int = 128,
-                  steps: int = 5,
-                  warmup: int = 2,
-                  threads: int | None = None,
-                  *,
-                  lrn: str = 'native',
-                  image_size: int = _IMAGE_SIZE,
-                  num_classes: int = _NUM_CLASSES) -> float:
-  """Measures training throughput of the grouped AlexNet in PyTorch on CPU.
+class CompileUnavailable(RuntimeError):
+  """torch.compile could not build the step (e.g. no C++ compiler)."""
 
-  One step is forward (train mode, dropout on), cross-entropy loss, backward
-  and an SGD step with the paper's momentum 0.9, weight decay 5e-4 and lr
-  0.01, on one fixed random batch.
 
-  Args:
-    batch_size: images per step.
-    steps: timed steps.
-    warmup: untimed steps run first (oneDNN primitive creation, allocator).
-    threads: torch intra-op threads for the measurement; None keeps torch's
-      current setting. The previous setting is restored afterwards.
-    lrn: 'native' (torch LRN per tower, the default) or 'banded' (same
-      function as a 1x1 band-matrix conv); see `build_model`.
+class Peer:
+  """The grouped net, its optimizer and one fixed batch, eager or compiled.
 
-  Returns:
-    Images per second: batch_size * steps / total timed seconds.
+  One training step is forward (train mode, dropout on), cross-entropy loss,
+  backward and an SGD step with the paper's momentum 0.9, weight decay 5e-4
+  and lr 0.01; one eval step is the forward pass in eval mode (dropout off)
+  under `torch.no_grad()`. The net, optimizer and batch live as long as the
+  object, so that a compiled peer compiles once however often it is timed.
+
+  With `compiled`, the module runs under `torch.compile` (inductor, its
+  default mode), as a PyTorch user would wrap it; the optimizer step stays
+  eager. Compiling happens in the first calls, which are warm-up: untimed.
   """
-  _check_args(batch_size, steps, warmup)
-  import torch
-  import torch.nn.functional as F
 
-  with _Threads(threads):
-    model = build_model(lrn=lrn, image_size=image_size,
-                        num_classes=num_classes)
-    model.train()
+  def __init__(self, batch_size: int = 128, *, compiled: bool = False,
+               threads: int | None = None, lrn: str = 'native',
+               image_size: int = _IMAGE_SIZE,
+               num_classes: int = _NUM_CLASSES):
+    """Builds the net and the batch.
+
+    Args:
+      batch_size: images per step.
+      compiled: run the module under `torch.compile`.
+      threads: torch intra-op threads while timing; None keeps torch's
+        current setting. The previous setting is restored after each timing.
+      lrn: 'native' (torch LRN per tower, the default) or 'banded' (same
+        function as a 1x1 band-matrix conv); see `build_model`.
+      image_size, num_classes: the net's input side and fc8's outputs.
+    """
+    import torch
+    _check_args(batch_size, 1, 0)
+    self.batch_size, self.compiled, self._threads = (
+        batch_size, compiled, threads)
+    self._model = build_model(lrn=lrn, image_size=image_size,
+                              num_classes=num_classes)
     # torch's SGD puts lr outside the velocity (v <- 0.9 v + g + wd w;
     # w <- w - lr v), which equals the paper's update while lr is constant,
     # and it decays biases too; neither changes the cost of a step.
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=_LEARNING_RATE, momentum=_MOMENTUM,
+    self._optimizer = torch.optim.SGD(
+        self._model.parameters(), lr=_LEARNING_RATE, momentum=_MOMENTUM,
         weight_decay=_WEIGHT_DECAY)
-    images, labels = _random_batch(batch_size, image_size, num_classes)
+    self._forward = torch.compile(self._model) if compiled else self._model
+    self._images, self._labels = _random_batch(batch_size, image_size,
+                                               num_classes)
+    # Seconds the compiled peer's warm-up took, per mode ('train', 'eval').
+    self.compile_seconds: dict[str, float] = {}
+
+  def time_train(self, steps: int = 5, warmup: int = 2) -> float:
+    """Images/s of the training step: batch_size * steps / timed seconds.
+
+    Args:
+      steps: timed steps.
+      warmup: untimed steps run first (oneDNN primitives, the allocator;
+        compilation, which takes at least one step, when compiled).
+
+    Returns:
+      Images per second.
+
+    Raises:
+      CompileUnavailable: if compiled and torch.compile fails.
+    """
+    import torch.nn.functional as F
 
     def step():
-      optimizer.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(model(images), labels)
+      self._optimizer.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(self._forward(self._images), self._labels)
       loss.backward()
-      optimizer.step()
+      self._optimizer.step()
       # .item() forces the step to have fully finished before the clock stops.
       return loss.item()
 
-    for _ in range(warmup):
-      step()
-    total = 0.0
-    for _ in range(steps):
-      start = time.perf_counter()
-      step()
-      total += time.perf_counter() - start
-  return batch_size * steps / total
+    self._model.train()
+    return self._time('train', step, steps, warmup)
 
+  def time_eval(self, steps: int = 5, warmup: int = 1) -> float:
+    """Images/s of the forward pass; arguments as `time_train`'s."""
+    import torch
 
-def measure_eval(batch_size: int = 128,
-                 steps: int = 5,
-                 warmup: int = 1,
-                 threads: int | None = None,
-                 *,
-                 lrn: str = 'native',
-                 image_size: int = _IMAGE_SIZE,
-                 num_classes: int = _NUM_CLASSES) -> float:
-  """Measures inference throughput (forward only) of the grouped AlexNet.
+    def step():
+      with torch.no_grad():
+        return self._forward(self._images)
 
-  Runs in eval mode (dropout off) under `torch.no_grad()` on one fixed random
-  batch.
+    self._model.eval()
+    return self._time('eval', step, steps, warmup)
 
-  Args:
-    batch_size: images per step.
-    steps: timed forward passes.
-    warmup: untimed forward passes run first.
-    threads: torch intra-op threads for the measurement; None keeps torch's
-      current setting. The previous setting is restored afterwards.
-    lrn: 'native' or 'banded'; see `measure_train`.
-    image_size, num_classes: see `measure_train`.
+  def _time(self, mode: str, step, steps: int, warmup: int) -> float:
+    _check_args(self.batch_size, steps, warmup)
+    with _Threads(self._threads):
+      if self.compiled and mode not in self.compile_seconds:
+        start = time.perf_counter()
+        self._compile(step)
+        self.compile_seconds[mode] = time.perf_counter() - start
+      for _ in range(warmup):
+        step()
+      total = 0.0
+      for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        total += time.perf_counter() - start
+    return self.batch_size * steps / total
 
-  Returns:
-    Images per second: batch_size * steps / total timed seconds.
-  """
-  _check_args(batch_size, steps, warmup)
-  import torch
-
-  with _Threads(threads), torch.no_grad():
-    model = build_model(lrn=lrn, image_size=image_size,
-                        num_classes=num_classes)
-    model.eval()
-    images, _ = _random_batch(batch_size, image_size, num_classes)
-    for _ in range(warmup):
-      model(images)
-    total = 0.0
-    for _ in range(steps):
-      start = time.perf_counter()
-      model(images)
-      total += time.perf_counter() - start
-  return batch_size * steps / total
+  @staticmethod
+  def _compile(step) -> None:
+    """Runs `step` twice (it compiles, then settles), naming any failure."""
+    try:
+      for _ in range(2):
+        step()
+    except Exception as e:  # pylint: disable=broad-except
+      # Inductor's errors span pages (the compiler's whole output); the
+      # first line names the cause, e.g. a missing C++ compiler.
+      first = next((line for line in str(e).splitlines() if line.strip()),
+                   '')
+      raise CompileUnavailable(
+          f'torch.compile failed: {type(e).__name__}: {first[:200]}') from e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,10 +392,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--lrn', choices=_LRN_IMPLS, default='native')
   parser.add_argument('--image_size', type=int, default=_IMAGE_SIZE)
   parser.add_argument('--num_classes', type=int, default=_NUM_CLASSES)
+  parser.add_argument('--compile', action='store_true',
+                      help='run the module under torch.compile (inductor)')
   args = parser.parse_args(argv)
 
   if not available():
-    raise SystemExit('torch is not installed: pip install torch==2.13.0')
+    raise SystemExit('error: torch is not installed: pip install torch==2.14.1')
   import torch
 
   net = dict(lrn=args.lrn, image_size=args.image_size,
@@ -375,16 +408,19 @@ def main(argv: list[str] | None = None) -> None:
   print(f'torch {torch.__version__}, threads '
         f'{args.threads or torch.get_num_threads()}, params {params:,}, '
         f'lrn {args.lrn}, {args.image_size}x{args.image_size} images, '
-        f'{args.num_classes} classes')
-  train = measure_train(args.batch_size, args.steps, threads=args.threads,
-                        **net)
-  print(f'train: {train:.2f} images/s (batch {args.batch_size}, '
-        f'{args.steps} steps, total/steps)')
-  evaluate = measure_eval(args.batch_size, args.steps, threads=args.threads,
-                          **net)
-  print(f'eval:  {evaluate:.2f} images/s (batch {args.batch_size}, '
-        f'{args.steps} steps, total/steps)')
-
+        f'{args.num_classes} classes, '
+        f'{"torch.compile" if args.compile else "eager"}')
+  peer = Peer(args.batch_size, compiled=args.compile, threads=args.threads,
+              **net)
+  try:
+    for name, run in (('train', peer.time_train), ('eval', peer.time_eval)):
+      images_per_s = run(args.steps)
+      compiled = (f', compile warm-up {peer.compile_seconds[name]:.0f} s '
+                  'untimed' if args.compile else '')
+      print(f'{name + ":":<6} {images_per_s:.2f} images/s (batch '
+            f'{args.batch_size}, {args.steps} steps, total/steps{compiled})')
+  except CompileUnavailable as e:
+    raise SystemExit(f'error: {e}') from None
 
 if __name__ == '__main__':
   main()

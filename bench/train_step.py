@@ -11,8 +11,11 @@ Compile time and warm-up steps are excluded and every timed step is blocked
 on, so the figures are steady-state throughput.
 
 When torch is importable, `bench/peer_torch.py` measures the same grouped net
-in the same process and the JAX/PyTorch ratios are printed: the machine is
-shared and noisy, so only ratios taken side by side mean anything.
+in the same process, eager and under `torch.compile` (its compiling is
+warm-up, untimed), and the JAX/eager and JAX/compile ratios are printed: the
+machine is shared and noisy, so only ratios taken side by side mean
+anything. Without a C++ compiler the compile column is skipped with a line
+saying so.
 
   python bench/train_step.py                       # batch 128, float32
   python bench/train_step.py --variant=fashion_mnist  # 67x67, 10 classes
@@ -83,6 +86,11 @@ if ARGS.devices > 1:
                              f' --xla_force_host_platform_device_count='
                              f'{ARGS.devices}')
 
+# pylint: disable-next=g-import-not-at-top
+from bench import peer_torch  # Imports no torch: see import_before_jax.
+if not ARGS.no_torch and peer_torch.available():
+  peer_torch.import_before_jax()
+
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -91,7 +99,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 from alexnet import parallel  # pylint: disable=g-import-not-at-top
 from alexnet import steps  # pylint: disable=g-import-not-at-top
 from alexnet import backend  # pylint: disable=g-import-not-at-top
-from bench import per_layer, peer_torch  # pylint: disable=g-import-not-at-top
+from bench import per_layer  # pylint: disable=g-import-not-at-top
 from configs import alexnet as configs  # pylint: disable=g-import-not-at-top
 
 # Classes of the datasets the config variants read.
@@ -209,43 +217,109 @@ class Bench:
     return self.images.shape[1] * self.layout.num_replicas
 
 
+def sgemm_gflops(size: int = 2048, repeats: int = 3) -> float:
+  """GFLOP/s of JAX's float32 matmul of two size x size matrices, the best
+  of `repeats`: the bound a step of matmuls and convolutions can reach."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+def summarise(figures: dict[str, list[float]],
+              base: str = 'JAX') -> dict[str, tuple[float, float | None]]:
+  """Medians of each contender's images/s and of `base`'s ratios to it.
+
+  A ratio is taken within each round, then the median over rounds: load on
+  the shared machine drifts over minutes, and a round's contenders run back
+  to back, so a round's ratio sees the same load on both sides.
+
+  Args:
+    figures: images/s per round of each contender, rounds in the same order;
+      `base` among them.
+    base: the contender in the ratios' numerator.
+
+  Returns:
+    {name: (median images/s, median of per-round base / name, None for
+    `base` itself)}, in the order of `figures`.
+  """
+  summary = {}
+  for name, values in figures.items():
+    ratios = [b / v for b, v in zip(figures[base], values, strict=True)]
+    summary[name] = (float(np.median(values)),
+                     None if name == base else float(np.median(ratios)))
+  return summary
+
+
+def _peers(config: ml_collections.ConfigDict, num_classes: int,
+           torch_ok: bool) -> dict[str, peer_torch.Peer]:
+  """The PyTorch contenders: eager and torch.compile, if torch imports."""
+  if not torch_ok:
+    return {}
+  net = dict(image_size=config.image_size, num_classes=num_classes)
+  return {'eager': peer_torch.Peer(config.batch_size, **net),
+          'compile': peer_torch.Peer(config.batch_size, compiled=True, **net)}
+
+
 def run_step_bench(args, layout: parallel.Layout,
                    config: ml_collections.ConfigDict, num_classes: int,
                    torch_ok: bool):
-  """Times train and eval, JAX and PyTorch alternating; prints a table.
+  """Times train and eval of JAX, torch eager and torch.compile; prints a
+  table.
 
-  The machine is shared: load changes over minutes, so each round times JAX
-  and then PyTorch back to back, and the table gives the medians over the
-  rounds of images/s and of the per-round ratios.
+  The machine is shared: load changes over minutes, so each round times the
+  contenders back to back, and the table gives the medians over the rounds
+  of images/s and of the per-round ratios. torch.compile compiles in its
+  first round's warm-up (untimed); if it cannot (no C++ compiler), its
+  column is dropped with one line saying why.
   """
   bench = Bench(layout, config, num_classes)
-  net = dict(image_size=config.image_size, num_classes=num_classes)
+  peers = _peers(config, num_classes, torch_ok)
+  sgemm = [sgemm_gflops()]
   rows = {}
-  for name, jax_fn, torch_fn in (
-      ('train', bench.time_train, peer_torch.measure_train),
-      ('eval', bench.time_eval, peer_torch.measure_eval)):
-    jax_ips, torch_ips = [], []
+  for mode in ('train', 'eval'):
+    figures = {'JAX': []}
     for _ in range(args.rounds):
-      jax_ips.append(jax_fn(args.steps, args.warmup))
-      if torch_ok:
-        torch_ips.append(torch_fn(config.batch_size, args.steps, args.warmup,
-                                  **net))
-    rows[name] = (jax_ips, torch_ips)
+      figures['JAX'].append(getattr(bench, f'time_{mode}')(args.steps,
+                                                           args.warmup))
+      for name, peer in list(peers.items()):
+        try:
+          ips = getattr(peer, f'time_{mode}')(args.steps, args.warmup)
+        except peer_torch.CompileUnavailable as e:
+          print(f'{name}: skipped, {e}')
+          del peers[name]
+          figures.pop(name, None)
+          continue
+        figures.setdefault(name, []).append(ips)
+    rows[mode] = figures
+  sgemm.append(sgemm_gflops())
+  print('JAX sgemm (2048^3, float32), before and after the rounds: '
+        + ', '.join(f'{g:.0f}' for g in sgemm) + ' GFLOP/s')
+  compiled = peers.get('compile')
+  if compiled:
+    print('torch.compile warm-up (untimed): ' + ', '.join(
+        f'{mode} {s:.0f} s' for mode, s in compiled.compile_seconds.items()))
   print(f'\nimages/s, {config.image_size}x{config.image_size} images, '
         f'{num_classes} classes, batch {config.batch_size}, {args.steps} '
-        f'steps after '
-        f'{args.warmup} warm-up, median of {args.rounds} rounds '
-        '(ratio JAX/PyTorch: median of per-round ratios, >1: JAX faster)')
-  print(f'{"":<8} {"JAX":>9} {"PyTorch":>9} {"ratio":>6}   per round')
-  for name, (jax_ips, torch_ips) in rows.items():
-    ratios = [j / t for j, t in zip(jax_ips, torch_ips)]
-    detail = ', '.join(f'{j:.1f}/{t:.1f}' for j, t in zip(jax_ips, torch_ips))
-    print(f'{name:<8} {_median(jax_ips, 9)} {_median(torch_ips, 9)} '
-          f'{_median(ratios, 6)}   {detail}')
-
-
-def _median(values: list[float], width: int) -> str:
-  return f'{np.median(values):{width}.2f}' if values else '-'.rjust(width)
+        f'steps after {args.warmup} warm-up, median of {args.rounds} rounds; '
+        'JAX/x: median of per-round ratios, >1: JAX faster')
+  names = list(rows['train'])
+  print(f'{"":<6}' + ''.join(f'{n:>9}' for n in names) +
+        ''.join(f'{"JAX/" + n:>13}' for n in names[1:]) +
+        '   per round ' + '/'.join(names))
+  for mode, figures in rows.items():
+    summary = summarise(figures)
+    cell = lambda n, i, w: (f'{summary[n][i]:{w}.2f}' if n in summary
+                            else '-'.rjust(w))
+    detail = ', '.join('/'.join(f'{v:.1f}' for v in round_figures)
+                       for round_figures in zip(*figures.values()))
+    print(f'{mode:<6}' + ''.join(cell(n, 0, 9) for n in names) +
+          ''.join(cell(n, 1, 13) for n in names[1:]) + f'   {detail}')
 
 
 def main() -> None:

@@ -215,11 +215,12 @@ def test_max_pool_equals_flax_max_pool_ties_included(shape, size, stride):
 
 
 @pytest.mark.parametrize('kernel_size,strides,padding,size', [
-    (11, 4, 'VALID', 35), (3, 1, ((1, 1), (1, 1)), 8)])
+    (11, 4, 'VALID', 35), (5, 1, ((2, 2), (2, 2)), 8),
+    (3, 1, ((1, 1), (1, 1)), 8)])
 def test_blocked_patch_convolutions_equal_xla_gradients_included(
     kernel_size, strides, padding, size):
-  """conv1's and the 3x3 layers' patch paths (maps of 8, the narrowest
-  that take them), over several image blocks."""
+  """conv1's, conv2's and the 3x3 layers' patch paths (maps of 8, the
+  narrowest that take them), over several image blocks."""
   conv = model.TowerConv(features=4, kernel_size=kernel_size,
                          strides=strides, padding=padding, shared_input=True,
                          conv_impl='patches')
