@@ -7,6 +7,7 @@ plateau schedule, and meta with the step, the seed and the shape signature
 fine-tuning) starts from it with the same config.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -47,6 +48,18 @@ class Imported:
   directory: str
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+  """Turns a file that cannot be read (permissions, a disk error) into one
+  line naming it."""
+  try:
+    yield
+  except OSError as error:
+    raise errors.WeightsError(
+        f'--weights={path}: cannot read it ({error.strerror or error}). '
+        'Give a weights file you can read.') from None
+
+
 def sha1_of(path: str) -> str:
   """Hex SHA-1 of a file, read in 16 MiB pieces."""
   digest = hashlib.sha1()
@@ -79,8 +92,9 @@ def read_params(config: ml_collections.ConfigDict,
   if not os.path.isfile(path):
     raise errors.WeightsError(f'--weights={path}: no such file.')
   file_format, read = _READERS[suffix]
-  params, num_classes = layout.tower_params(path, file_format, read(path),
-                                            config)
+  with _reading(path):
+    layers = read(path)
+  params, num_classes = layout.tower_params(path, file_format, layers, config)
   return params, num_classes, file_format
 
 
@@ -100,8 +114,9 @@ def import_weights(config: ml_collections.ConfigDict, path: str,
     errors.WeightsError: see `read_params`.
     errors.WorkdirError: the workdir already holds checkpoints.
   """
-  digest = sha1_of(path) if os.path.isfile(path) else ''
   params, num_classes, file_format = read_params(config, path)
+  with _reading(path):
+    digest = sha1_of(path)
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   store = checkpoints.Checkpoints(directory, keep=config.keep_checkpoints)
   try:
