@@ -226,6 +226,7 @@ def _train(experiment: _Experiment, store: checkpoints.Checkpoints,
           learning_rate, training.step)
       training.step = step = training.step + 1
       reporter.record(metrics)
+      store.check_lock()  # Another run took the workdir over: stop.
       # Asked once after every step: with several processes this is JAX's
       # preemption sync point, which all of them must reach together.
       stopping = stop.should_stop(step)

@@ -223,6 +223,19 @@ class Checkpoints:
       raise errors.WorkdirError(f'No checkpoint of step {step} in {where}.')
     return step
 
+  def check_lock(self) -> None:
+    """Stops a run whose lock a heartbeat found taken (no file access).
+
+    Raises:
+      errors.WorkdirError: another run took over the workdir, naming it
+        (see alexnet/workdir.py).
+    """
+    self._check_lock(fresh=False)
+
+  def _check_lock(self, fresh: bool) -> None:
+    if self._lock is not None and (fresh or self._lock.lost):
+      self._lock.check()
+
   def save(self, step: int, state: PyTree, meta: dict[str, Any],
            error: float | None = None) -> None:
     """Starts an asynchronous save of host `state` and JSON `meta`.
@@ -233,7 +246,11 @@ class Checkpoints:
       meta: JSON-serialisable record of the run.
       error: validation error at this step, if it was evaluated; ranks the
         checkpoint for the keep-the-best policy.
+
+    Raises:
+      errors.WorkdirError: this run's lock was taken over: nothing saved.
     """
+    self._check_lock(fresh=True)
     if step in self._manager.all_steps():
       return  # Saved already (e.g. at an evaluation that was also the end).
     metrics = None if error is None else {'error': float(error)}
