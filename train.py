@@ -147,7 +147,8 @@ def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
   tree, meta = restored
   if resume:
     warning = recipe_lib.check(meta, experiment.recipe, experiment.workdir,
-                               meta['step'])
+                               meta['step'],
+                               input_pipeline.data_source(config))
     if warning:
       logging.warning(warning)
   logging.info('Resuming from step %d in %s.', meta['step'],

@@ -15,6 +15,7 @@ the LRN exchanges the towers' edge channels.
 
 import codecs
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -286,7 +287,8 @@ def small(tiny, tmp_path_factory):
   return config, path, weights, mean
 
 
-def test_import_checkpoint_evaluates_and_trains(small, tmp_path, capsys):
+def test_import_checkpoint_evaluates_and_trains(small, tmp_path, capsys,
+                                                caplog):
   """--mode=eval scores the import as Caffe would; training starts there."""
   config, path, weights, mean = small
   workdir = str(tmp_path / 'run')
@@ -317,11 +319,15 @@ def test_import_checkpoint_evaluates_and_trains(small, tmp_path, capsys):
   np.testing.assert_allclose(results['eval']['centre_top1_error'],
                              np.mean(logits.argmax(-1) != labels))
 
-  # One step at a negligible rate: the run continued from the import.
+  # One step at a negligible rate: the run continued from the import,
+  # adopting it without a word on its (empty) data recipe.
   config = config.copy_and_resolve_references()
   config.update(num_train_steps=1, learning_rate=1e-9)
+  caplog.set_level(logging.INFO, logger='absl')
   state = train.train_and_evaluate(config, workdir)
   assert state.step == 1
+  assert 'Resuming from step 0 ' in caplog.text
+  assert 'recipe' not in caplog.text
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                state.params, params)
 

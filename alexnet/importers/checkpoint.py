@@ -17,6 +17,7 @@ import ml_collections
 
 from alexnet import checkpoints
 from alexnet import errors
+from alexnet import recipe
 from alexnet import schedule as schedule_lib
 from alexnet import steps
 from alexnet.importers import caffe
@@ -129,7 +130,9 @@ def import_weights(config: ml_collections.ConfigDict, path: str,
              'plateau': schedule_lib.make_plateau(config).init(None)}
     meta = {'step': 0, 'seed': config.seed,
             'shape': steps.shape_signature(config, num_classes),
-            'imported': {'file': os.path.abspath(path), 'sha1': digest}}
+            'imported': {'file': os.path.abspath(path), 'sha1': digest},
+            # No data stream led here: the first training run's is the one.
+            recipe.KEY: recipe.NONE_YET}
     store.save(0, jax.device_get(state), meta)
     store.wait()
   finally:
