@@ -22,6 +22,7 @@ in (H, W, C) order; channels are BGR, as Caffe's.
 
 import io
 import math
+import pickle  # For its opcode names only: nothing is unpickled.
 import struct
 from typing import Any
 
@@ -93,10 +94,12 @@ def _array(state: Any) -> Any:
   if isinstance(data, str):  # Python 2's byte strings, read as latin1.
     data = data.encode('latin1')
   element = np.dtype(dtype.order.replace('|', '=') + dtype.code)
-  if not isinstance(data, bytes) or len(data) != count * element.itemsize:
+  if (not isinstance(data, (bytes, memoryview)) or
+      len(data) != count * element.itemsize):
     raise _Refused(f'an array of shape {shape} and dtype {dtype.code} does '
                    'not hold its data')
   order = 'F' if fortran else 'C'
+  # A read-only view of the file's bytes: nothing is allocated for it.
   return np.frombuffer(data, element).reshape(shape, order=order)
 
 
@@ -118,11 +121,12 @@ class _Machine:
     self._marks: list[int] = []
     self._memo: dict[int, Any] = {}
 
-  def _take(self, size: int) -> bytes:
+  def _take(self, size: int) -> memoryview:
+    """The next `size` bytes, not copied (an array's data stays in place)."""
     if size < 0 or self._at + size > len(self._data):
       raise _Refused('it ends in the middle of a value')
     self._at += size
-    return self._data[self._at - size:self._at].tobytes()
+    return self._data[self._at - size:self._at]
 
   def _unsigned(self, size: int) -> int:
     return int.from_bytes(self._take(size), 'little')
@@ -136,8 +140,8 @@ class _Machine:
   def run(self) -> Any:
     """The object the pickle builds."""
     for _ in range(_MAX_OPCODES):
-      opcode = self._take(1)
-      if opcode == b'.':  # STOP
+      opcode = self._take(1).tobytes()
+      if opcode == pickle.STOP:
         if len(self._stack) != 1 or self._marks:
           raise _Refused('it ends with an unbalanced stack')
         return self._stack[0]
@@ -163,7 +167,7 @@ class _Machine:
       end = bytes(self._data[self._at:self._at + 256]).find(b'\n')
       if end < 0:
         raise _Refused('it names a global without a newline')
-      line.append(self._take(end + 1)[:-1].decode('latin1'))
+      line.append(str(self._take(end + 1)[:-1], 'latin1'))
     self._push_global(*line)
 
   def _stack_global(self):
@@ -235,15 +239,21 @@ class _Machine:
       target[key] = value
 
   def _text(self, size_bytes: int):
-    self._stack.append(self._take(self._unsigned(size_bytes)).decode(
-        'utf-8', 'surrogatepass'))
+    self._stack.append(str(self._take(self._unsigned(size_bytes)), 'utf-8',
+                           'surrogatepass'))
 
   def _string(self, size_bytes: int):  # Python 2's str, read as latin1.
-    self._stack.append(
-        self._take(self._unsigned(size_bytes)).decode('latin1'))
+    self._stack.append(str(self._take(self._unsigned(size_bytes)), 'latin1'))
 
   def _bytes(self, size_bytes: int):
     self._stack.append(self._take(self._unsigned(size_bytes)))
+
+  def _long1(self):
+    size = self._unsigned(1)
+    if size > 8:
+      raise _Refused('it holds an integer wider than 64 bits')
+    self._stack.append(int.from_bytes(self._take(size), 'little',
+                                      signed=True))
 
   def _tuple(self, size: int):
     items = self._stack[len(self._stack) - size:] if size else []
@@ -253,57 +263,52 @@ class _Machine:
     self._stack.append(tuple(items))
 
 
-def _long1(machine: _Machine):
-  size = machine._unsigned(1)  # pylint: disable=protected-access
-  if size > 8:
-    raise _Refused('it holds an integer wider than 64 bits')
-  machine._stack.append(int.from_bytes(  # pylint: disable=protected-access
-      machine._take(size), 'little', signed=True))  # pylint: disable=protected-access
-
-
+# The opcodes of protocols 2-4 that a pickled dict of arrays uses, by
+# pickle's names for them; any other one is refused.
 # pylint: disable=protected-access
 _OPCODES = {
-    b'\x80': _Machine._proto,
-    b'\x95': _Machine._frame,
-    b'c': _Machine._global,
-    b'\x93': _Machine._stack_global,
-    b'R': _Machine._reduce,
-    b'b': _Machine._build,
-    b'(': lambda m: m._marks.append(len(m._stack)),
-    b'N': lambda m: m._stack.append(None),
-    b'\x88': lambda m: m._stack.append(True),
-    b'\x89': lambda m: m._stack.append(False),
-    b'K': lambda m: m._stack.append(m._unsigned(1)),
-    b'M': lambda m: m._stack.append(m._unsigned(2)),
-    b'J': lambda m: m._stack.append(
+    pickle.PROTO: _Machine._proto,
+    pickle.FRAME: _Machine._frame,
+    pickle.GLOBAL: _Machine._global,
+    pickle.STACK_GLOBAL: _Machine._stack_global,
+    pickle.REDUCE: _Machine._reduce,
+    pickle.BUILD: _Machine._build,
+    pickle.MARK: lambda m: m._marks.append(len(m._stack)),
+    pickle.POP: lambda m: m._stack.pop(),
+    pickle.NONE: lambda m: m._stack.append(None),
+    pickle.NEWTRUE: lambda m: m._stack.append(True),
+    pickle.NEWFALSE: lambda m: m._stack.append(False),
+    pickle.BININT1: lambda m: m._stack.append(m._unsigned(1)),
+    pickle.BININT2: lambda m: m._stack.append(m._unsigned(2)),
+    pickle.BININT: lambda m: m._stack.append(
         int.from_bytes(m._take(4), 'little', signed=True)),
-    b'\x8a': _long1,
-    b'G': lambda m: m._stack.append(struct.unpack('>d', m._take(8))[0]),
-    b'X': lambda m: m._text(4),
-    b'\x8c': lambda m: m._text(1),
-    b'\x8d': lambda m: m._text(8),
-    b'U': lambda m: m._string(1),
-    b'T': lambda m: m._string(4),
-    b'C': lambda m: m._bytes(1),
-    b'B': lambda m: m._bytes(4),
-    b'\x8e': lambda m: m._bytes(8),
-    b')': lambda m: m._tuple(0),
-    b'\x85': lambda m: m._tuple(1),
-    b'\x86': lambda m: m._tuple(2),
-    b'\x87': lambda m: m._tuple(3),
-    b't': lambda m: m._stack.append(tuple(m._pop_mark())),
-    b']': lambda m: m._stack.append([]),
-    b'}': lambda m: m._stack.append({}),
-    b'a': lambda m: m._append([m._stack.pop()]),
-    b'e': lambda m: m._append(m._pop_mark()),
-    b's': lambda m: m._set_items([m._stack.pop(-2), m._stack.pop()]),
-    b'u': lambda m: m._set_items(m._pop_mark()),
-    b'q': lambda m: m._put(m._unsigned(1)),
-    b'r': lambda m: m._put(m._unsigned(4)),
-    b'\x94': lambda m: m._put(len(m._memo)),
-    b'h': lambda m: m._get(m._unsigned(1)),
-    b'j': lambda m: m._get(m._unsigned(4)),
-    b'0': lambda m: m._stack.pop(),
+    pickle.LONG1: _Machine._long1,
+    pickle.BINFLOAT: lambda m: m._stack.append(
+        struct.unpack('>d', m._take(8))[0]),
+    pickle.SHORT_BINUNICODE: lambda m: m._text(1),
+    pickle.BINUNICODE: lambda m: m._text(4),
+    pickle.BINUNICODE8: lambda m: m._text(8),
+    pickle.SHORT_BINSTRING: lambda m: m._string(1),
+    pickle.BINSTRING: lambda m: m._string(4),
+    pickle.SHORT_BINBYTES: lambda m: m._bytes(1),
+    pickle.BINBYTES: lambda m: m._bytes(4),
+    pickle.BINBYTES8: lambda m: m._bytes(8),
+    pickle.EMPTY_TUPLE: lambda m: m._tuple(0),
+    pickle.TUPLE1: lambda m: m._tuple(1),
+    pickle.TUPLE2: lambda m: m._tuple(2),
+    pickle.TUPLE3: lambda m: m._tuple(3),
+    pickle.TUPLE: lambda m: m._stack.append(tuple(m._pop_mark())),
+    pickle.EMPTY_LIST: lambda m: m._stack.append([]),
+    pickle.EMPTY_DICT: lambda m: m._stack.append({}),
+    pickle.APPEND: lambda m: m._append([m._stack.pop()]),
+    pickle.APPENDS: lambda m: m._append(m._pop_mark()),
+    pickle.SETITEM: lambda m: m._set_items([m._stack.pop(-2), m._stack.pop()]),
+    pickle.SETITEMS: lambda m: m._set_items(m._pop_mark()),
+    pickle.BINPUT: lambda m: m._put(m._unsigned(1)),
+    pickle.LONG_BINPUT: lambda m: m._put(m._unsigned(4)),
+    pickle.MEMOIZE: lambda m: m._put(len(m._memo)),
+    pickle.BINGET: lambda m: m._get(m._unsigned(1)),
+    pickle.LONG_BINGET: lambda m: m._get(m._unsigned(4)),
 }
 # pylint: enable=protected-access
 
@@ -341,7 +346,8 @@ def read_npy(path: str) -> dict[str, list[np.ndarray]]:
     path: the .npy file.
 
   Returns:
-    {layer name: [weights, bias]} in the port's layout (module docstring).
+    {layer name: [weights, bias]} in the port's layout (module docstring),
+    read-only where the file holds float32.
 
   Raises:
     errors.WeightsError: not such a file, or a pickle that holds anything but a dict of lists of numeric arrays
@@ -360,5 +366,6 @@ def read_npy(path: str) -> dict[str, list[np.ndarray]]:
             all(isinstance(b, np.ndarray) for b in blobs)):
       raise errors.WeightsError(
           f'{path}: layer {name!r} is not a list of numeric arrays [W, b].')
-    result[str(name)] = [b.astype(np.float32) for b in blobs]
+    # float32 data stays a view of the file's bytes (read-only).
+    result[str(name)] = [np.asarray(b, np.float32) for b in blobs]
   return result
