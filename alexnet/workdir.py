@@ -386,6 +386,11 @@ class Lock:
       return False
     try:
       found = self._read()
+      if found is None:
+        # A start breaking a dead lock at the same time may hold this live
+        # one aside for an instant before putting it back (`_break`).
+        time.sleep(_WAIT_SECONDS)
+        found = self._read()
     except errors.WorkdirError as error:
       logging.warning('%s', error)
       return True  # Unreadable is not lost: the next beat looks again.
