@@ -36,6 +36,7 @@ and none waits in a barrier for a process that failed to read. Process 0
 moves the damaged ones.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -429,14 +430,29 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
-    self._manager.wait_until_finished()
+    with self._unless_lost('wait for'):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Ends pending work and releases the directory's lock."""
     try:
-      self._manager.close()
+      with self._unless_lost('end'):
+        self._manager.close()
     finally:
       self._release()
+
+  @contextlib.contextmanager
+  def _unless_lost(self, what: str):
+    """Once another run has taken the workdir over, a save this run had
+    under way may fail (the new holder cleans up unfinished saves): that
+    is logged, so that the run ends on the one line about the lock."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if self._lock is None or not self._lock.lost:
+        raise
+      logging.warning('Could not %s the save under way when the lock was '
+                      'lost: %s', what, _reason(error))
 
   def _release(self) -> None:
     if self._lock is not None:

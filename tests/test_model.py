@@ -182,8 +182,9 @@ def test_dropout_rate_and_train_eval_switch():
 
 def _layer_outputs(net, params, images):
   """{layer: its output} of one forward pass."""
-  _, state = net.apply({'params': params}, images, train=False,
-                       capture_intermediates=True)
+  forward = jax.jit(lambda p, x: net.apply(
+      {'params': p}, x, train=False, capture_intermediates=True)[1])
+  state = forward(params, images)
   return {name: state['intermediates'][name]['__call__'][0]
           for name in LAYERS}
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from alexnet import checkpoints
@@ -453,48 +454,47 @@ def test_a_misspelt_field_from_a_real_process_is_one_line_exit_1(
 
 
 def test_a_paused_holder_that_lost_its_lock_stops_and_the_new_run_keeps_it(
-    repo, data_dir, tmp_path):
+    repo, data_dir, tmp_path, monkeypatch):
   """A run on 'another machine' (its liveness shown only by its heartbeat)
-  is paused (SIGSTOP) past the staleness limit; a second run takes its
-  workdir over; woken (SIGCONT), the first stops with one line naming the
-  second, saving nothing more, and the second keeps the workdir."""
+  is paused (SIGSTOP) past the staleness limit; a second writer (here, to
+  save starting a process, this process's checkpoints) takes its workdir
+  over; woken (SIGCONT), the first stops with one line naming the second,
+  saving nothing more, and the second keeps the workdir."""
   run_dir = str(tmp_path / 'run')
-  flags = ('--config=configs/alexnet.py:tiny', f'--workdir={run_dir}',
-           f'--config.data_dir={data_dir}', '--config.num_train_steps=1000')
-  timing = {'FAULT_HEARTBEAT_SECONDS': 0.1, 'FAULT_STALE_SECONDS': 2,
-            'FAULT_STEP_SECONDS': 0.3}
+  directory = os.path.join(run_dir, 'checkpoints')
+  lock = directory + '.lock'
   first = processes.LoggedProcess(
-      repo, tmp_path / 'first.log', *flags, script='tests/fault_worker.py',
-      devices=2, FAULT_MACHINE='paused-host', **timing)
-  second = None
+      repo, tmp_path / 'first.log', '--config=configs/alexnet.py:tiny',
+      f'--workdir={run_dir}', f'--config.data_dir={data_dir}',
+      '--config.num_train_steps=1000', script='tests/fault_worker.py',
+      devices=2, FAULT_MACHINE='paused-host', FAULT_HEARTBEAT_SECONDS=0.1,
+      FAULT_STEP_SECONDS=0.3)
   try:
     first.wait_for('step 2/1000')
     first.process.send_signal(signal.SIGSTOP)
-    lock = os.path.join(run_dir, 'checkpoints.lock')
+    monkeypatch.setattr(workdir, 'STALE_SECONDS', 2.0)
     while time.time() - os.stat(lock).st_mtime < 2.5:
       time.sleep(0.1)
-    second = processes.LoggedProcess(
-        repo, tmp_path / 'second.log', *flags,
-        script='tests/fault_worker.py', devices=2, **timing)
-    second.wait_for('Took over the lock')
-    second.wait_for(r'step \d+/1000')
-    first.process.send_signal(signal.SIGCONT)
-    assert first.wait() == 1, first.text()[-3000:]
-    errors_ = [line for line in first.text().splitlines()
-               if line.startswith('error')]
-    assert len(errors_) == 1 and errors_[0].startswith(
-        f'error: This run lost the lock {lock} of its workdir: process '
-        f'{second.process.pid} on host {HOST} holds it since '), errors_
-    assert 'Traceback' not in first.text()
-    assert second.process.poll() is None, second.text()[-3000:]
-    with open(lock) as f:
-      assert json.load(f)['pid'] == second.process.pid
-    second.process.send_signal(signal.SIGTERM)
-    assert second.wait() == 0, second.text()[-3000:]
-    assert 'Traceback' not in second.text()
+    second = checkpoints.Checkpoints(directory, keep=2)
+    try:
+      first.process.send_signal(signal.SIGCONT)
+      assert first.wait() == 1, first.text()[-3000:]
+      errors_ = [line for line in first.text().splitlines()
+                 if line.startswith('error')]
+      assert len(errors_) == 1 and errors_[0].startswith(
+          f'error: This run lost the lock {lock} of its workdir: process '
+          f'{os.getpid()} on host {HOST} holds it since '), errors_
+      assert 'Traceback' not in first.text()
+      second.check_lock()
+      second.save(1000, {'w': np.zeros(2)}, {'step': 1000})
+      second.wait()
+      with open(lock) as f:
+        assert json.load(f)['pid'] == os.getpid()
+    finally:
+      second.close()
+    assert not os.path.exists(lock)
   finally:
-    for run in (first, second):
-      if run is not None and run.process.poll() is None:
-        run.process.send_signal(signal.SIGCONT)
-        run.process.kill()
-        run.process.wait()
+    if first.process.poll() is None:
+      first.process.send_signal(signal.SIGCONT)
+      first.process.kill()
+      first.process.wait()
