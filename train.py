@@ -147,7 +147,8 @@ def _restore(experiment: _Experiment, store: checkpoints.Checkpoints,
   tree, meta = restored
   if resume:
     warning = recipe_lib.check(meta, experiment.recipe, experiment.workdir,
-                               meta['step'])
+                               meta['step'],
+                               input_pipeline.data_source(config))
     if warning:
       logging.warning(warning)
   logging.info('Resuming from step %d in %s.', meta['step'],
@@ -226,6 +227,7 @@ def _train(experiment: _Experiment, store: checkpoints.Checkpoints,
           learning_rate, training.step)
       training.step = step = training.step + 1
       reporter.record(metrics)
+      store.check_lock()  # Another run took the workdir over: stop.
       # Asked once after every step: with several processes this is JAX's
       # preemption sync point, which all of them must reach together.
       stopping = stop.should_stop(step)

@@ -14,10 +14,16 @@ usable; the half-written one is ignored (and cleaned up) on the next start.
 A checkpoint damaged later (files truncated or deleted by an interrupted
 copy or a disk error) must not block the run: `restore` resumes from the
 newest checkpoint that reads, and moves the damaged newer ones to
-<directory>_damaged/ (kept for inspection, outside orbax's sight), with a
-warning naming each and what was wrong. It sets nothing aside unless an
-older checkpoint reads: a failure every checkpoint shares (e.g. code that
-changed the state's structure) is refused, not mistaken for damage.
+<directory>_damaged/ (kept for inspection, outside orbax's sight), with one
+warning naming each and what was wrong. A failed read is first retried
+(`_READ_ATTEMPTS`, with a short backoff): a transient error of shared
+storage (NFS's ESTALE, an EIO, a timeout of a mounted bucket) on a good
+checkpoint must not rewind the run. Nothing is set aside unless an older
+checkpoint reads, and what is not damage is named as what it is, with the
+files left alone: a checkpoint of another configuration (its shape
+signature), a state of another structure (e.g. config.reinit_lr_multiplier
+switched to or from 1.0, which adds a masked scale to the optimizer), or
+one error that every checkpoint shares.
 
 With several processes (`jax.distributed`) every process calls `save` and
 `restore`; orbax writes each array once and synchronises the processes, so
@@ -30,8 +36,11 @@ and none waits in a barrier for a process that failed to read. Process 0
 moves the damaged ones.
 """
 
+import contextlib
 import dataclasses
 import os
+import re
+import sys
 import time
 from typing import Any
 
@@ -51,6 +60,10 @@ PyTree = Any
 # How reading a checkpoint turned out, ordered by precedence when the
 # processes disagree (the highest wins).
 _READ, _DAMAGED, _OTHER_CONFIG = 0, 1, 2
+# Reads of one checkpoint before it counts as damaged, and the wait before
+# the first retry (doubled before each next one).
+_READ_ATTEMPTS = 3
+_RETRY_SECONDS = 0.5
 
 
 def _error(metrics: dict[str, float]) -> float:
@@ -62,6 +75,42 @@ def _reason(error: Exception) -> str:
   text = (str(error).split(' [tensorstore_spec=')[0].splitlines() or [''])[0]
   text = f'{type(error).__name__}: {text}'
   return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _quiet_late_read_callbacks() -> None:
+  """Keeps a failed read's stragglers from printing tracebacks.
+
+  When one array of a checkpoint fails to read, orbax's restore raises and
+  closes its event loop while tensorstore still reads the other arrays;
+  each of those then calls back into the closed loop, and Python prints
+  the `RuntimeError: Event loop is closed` it raises as an unraisable
+  exception: dozens of tracebacks above the one warning, read as a crash.
+  Exactly that error is dropped (installed once per process); any other
+  goes to the hook there was.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiet_late_read_callbacks', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.quiet_late_read_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _leaf_paths(tree: PyTree) -> set[str]:
+  """'opt_state/2/trace/fc8/kernel'-style names of a tree's leaves, alike
+  for a state and for orbax's metadata of it (where tuples are lists and
+  named fields dict keys)."""
+  def name(key):
+    for attribute in ('key', 'idx', 'name'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'/'.join(map(name, path))
+          for path, _ in jax.tree.flatten_with_path(tree)[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +224,19 @@ class Checkpoints:
       raise errors.WorkdirError(f'No checkpoint of step {step} in {where}.')
     return step
 
+  def check_lock(self) -> None:
+    """Stops a run whose lock a heartbeat found taken (no file access).
+
+    Raises:
+      errors.WorkdirError: another run took over the workdir, naming it
+        (see alexnet/workdir.py).
+    """
+    self._check_lock(fresh=False)
+
+  def _check_lock(self, fresh: bool) -> None:
+    if self._lock is not None and (fresh or self._lock.lost):
+      self._lock.check()
+
   def save(self, step: int, state: PyTree, meta: dict[str, Any],
            error: float | None = None) -> None:
     """Starts an asynchronous save of host `state` and JSON `meta`.
@@ -185,7 +247,11 @@ class Checkpoints:
       meta: JSON-serialisable record of the run.
       error: validation error at this step, if it was evaluated; ranks the
         checkpoint for the keep-the-best policy.
+
+    Raises:
+      errors.WorkdirError: this run's lock was taken over: nothing saved.
     """
+    self._check_lock(fresh=True)
     if step in self._manager.all_steps():
       return  # Saved already (e.g. at an evaluation that was also the end).
     metrics = None if error is None else {'error': float(error)}
@@ -229,10 +295,7 @@ class Checkpoints:
         return attempt.state, attempt.meta
       damaged.append((candidate, attempt.problem))
     if damaged:
-      raise errors.WorkdirError(
-          f'No checkpoint in {self._manager.directory} can be read: '
-          f'{_listing(damaged)}. Restore them from a copy, or move them '
-          'away to start from scratch.')
+      raise errors.WorkdirError(_none_read(self._manager.directory, damaged))
     return None
 
   def _restore_step(self, step: int, target: PyTree,
@@ -276,7 +339,21 @@ class Checkpoints:
 
   def _read(self, step: int, target: PyTree,
             expected: dict[str, Any]) -> _Attempt:
-    """Reads checkpoint `step` on this process alone.
+    """Reads checkpoint `step` on this process alone, retrying failures."""
+    _quiet_late_read_callbacks()
+    for retry in range(_READ_ATTEMPTS):
+      attempt = self._read_once(step, target, expected)
+      if attempt.outcome != _DAMAGED or retry == _READ_ATTEMPTS - 1:
+        return attempt
+      wait = _RETRY_SECONDS * 2**retry
+      logging.info('Reading the checkpoint of step %d failed (%s); trying '
+                   'again in %.1f s.', step, attempt.problem, wait)
+      time.sleep(wait)
+    raise AssertionError('unreachable')
+
+  def _read_once(self, step: int, target: PyTree,
+                 expected: dict[str, Any]) -> _Attempt:
+    """Reads checkpoint `step` once.
 
     Straight through orbax's handlers, not the manager: the manager's
     restore ends in a barrier of all processes, which would hang the ones
@@ -297,12 +374,35 @@ class Checkpoints:
             f'{expected}. Use another --workdir, or the config that wrote '
             'it.'))
       part = folder / 'state'
+      other = self._other_structure(step, handler.metadata(part).tree,
+                                    target)
+      if other:
+        return _Attempt(_OTHER_CONFIG, problem=other)
       state = handler.restore(part, args=ocp.args.StandardRestore(target))
     except Exception as error:  # pylint: disable=broad-exception-caught
       return _Attempt(_DAMAGED, problem=f'{part.name}/: {_reason(error)}')
     finally:
       handler.close()
     return _Attempt(_READ, state=state, meta=meta)
+
+  def _other_structure(self, step: int, saved: PyTree,
+                       target: PyTree) -> str | None:
+    """Why the saved state's tree is not the one to restore, if it is not."""
+    saved_paths, wanted = _leaf_paths(saved), _leaf_paths(target)
+    if saved_paths == wanted:
+      return None
+    only_saved, only_wanted = sorted(saved_paths - wanted), sorted(
+        wanted - saved_paths)
+    return (
+        f'{self._manager.directory} holds a checkpoint (step {step}) whose '
+        f'state has another structure than this config\'s ({len(only_saved)} '
+        f'entries only in the checkpoint, e.g. {only_saved[:1]}; '
+        f'{len(only_wanted)} only in this config, e.g. {only_wanted[:1]}): '
+        'the optimizer differs (config.reinit_lr_multiplier switched to or '
+        'from 1.0 adds a masked scale to it), or the code changed. It is '
+        'not damaged and was left as it is: resume with the config that '
+        'wrote it, or start another --workdir from its weights with '
+        '--config.init_from.')
 
   def _set_aside(self, damaged: list[tuple[int, str]], restored: int) -> None:
     """Moves damaged checkpoints out of orbax's sight, with one warning."""
@@ -330,14 +430,29 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
-    self._manager.wait_until_finished()
+    with self._unless_lost('wait for'):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Ends pending work and releases the directory's lock."""
     try:
-      self._manager.close()
+      with self._unless_lost('end'):
+        self._manager.close()
     finally:
       self._release()
+
+  @contextlib.contextmanager
+  def _unless_lost(self, what: str):
+    """Once another run has taken the workdir over, a save this run had
+    under way may fail (the new holder cleans up unfinished saves): that
+    is logged, so that the run ends on the one line about the lock."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if self._lock is None or not self._lock.lost:
+        raise
+      logging.warning('Could not %s the save under way when the lock was '
+                      'lost: %s', what, _reason(error))
 
   def _release(self) -> None:
     if self._lock is not None:
@@ -347,3 +462,21 @@ class Checkpoints:
 
 def _listing(damaged: list[tuple[int, str]]) -> str:
   return '; '.join(f'step {step} ({problem})' for step, problem in damaged)
+
+
+def _none_read(directory: Any, failed: list[tuple[int, str]]) -> str:
+  """The refusal when no checkpoint reads: one shared error is named as
+  the likely cause (damage strikes checkpoints one by one)."""
+  # The same error, but for the step folder it names.
+  shared = {re.sub(rf'/{step}/', '/<step>/', problem)
+            for step, problem in failed}
+  if len(failed) > 1 and len(shared) == 1:
+    return (f'No checkpoint in {directory} can be read, all '
+            f'{len(failed)} for the same reason ({shared.pop()}): a cause '
+            'they share (the code, its libraries, the config or the '
+            'storage) rather than damage, so they were left as they are. '
+            'Resume with the code and config that wrote them, or use '
+            'another --workdir.')
+  return (f'No checkpoint in {directory} can be read: {_listing(failed)}. '
+          'Restore them from a copy, or move them away to start from '
+          'scratch.')

@@ -15,6 +15,11 @@ Environment variables:
     background thread: every file of the checkpoint is written into the
     temporary directory, which is not yet renamed to its final name
     (`orbax.checkpoint.path.atomicity.AtomicRenameTemporaryPath.finalize`).
+* FAULT_MACHINE: the workdir lock records this process as one of another
+  machine (that hostname, another boot id), whose liveness only its
+  heartbeat shows.
+* FAULT_HEARTBEAT_SECONDS, FAULT_STALE_SECONDS: the lock's timing
+  (alexnet/workdir.py's HEARTBEAT_SECONDS and STALE_SECONDS).
 """
 
 import functools
@@ -31,6 +36,7 @@ from orbax.checkpoint.path import atomicity
 
 from alexnet import checkpoints
 from alexnet import distributed
+from alexnet import workdir
 import main
 
 
@@ -73,7 +79,18 @@ def _kill_at_commit(step: int) -> None:
   path_class.finalize = finalize_or_die
 
 
+def _lock_settings() -> None:
+  machine = os.environ.get('FAULT_MACHINE')
+  if machine:
+    workdir.this_machine = lambda: {'host': machine, 'boot': f'{machine}-boot',
+                                    'pid_namespace': ''}
+  for name in ('HEARTBEAT_SECONDS', 'STALE_SECONDS'):
+    if f'FAULT_{name}' in os.environ:
+      setattr(workdir, name, float(os.environ[f'FAULT_{name}']))
+
+
 def _install_faults() -> None:
+  _lock_settings()
   seconds = float(os.environ.get('FAULT_STEP_SECONDS', 0))
   if seconds:
     _slow_steps(seconds)

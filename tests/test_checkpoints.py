@@ -1,5 +1,6 @@
 """Which checkpoints are kept, and finding one by 'latest', 'best' or step."""
 
+import functools
 import os
 import re
 import types
@@ -10,6 +11,7 @@ import pytest
 
 from alexnet import checkpoints
 from alexnet import errors
+from alexnet import steps
 
 
 def _save(store, step, error=None):
@@ -135,21 +137,108 @@ def test_a_damaged_checkpoint_asked_for_names_the_readable_ones(tmp_path):
   assert sorted(os.listdir(directory)) == ['1', '2', '3']  # Read only.
 
 
-def test_nothing_is_set_aside_when_no_checkpoint_reads(tmp_path):
-  """A failure all checkpoints share may be the code's, not damage."""
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch):
+  monkeypatch.setattr(checkpoints, '_RETRY_SECONDS', 0.01, raising=False)
+
+
+def _fail_reads(monkeypatch, error, times=None):
+  """Makes the next `times` (all, if None) state reads raise `error`;
+  returns the list of steps whose reads were attempted."""
+  restore = checkpoints.ocp.StandardCheckpointHandler.restore
+  attempted = []
+
+  def failing(self, directory, *args, **kwargs):
+    attempted.append(int(directory.parent.name))
+    if times is None or len(attempted) <= times:
+      raise error
+    return restore(self, directory, *args, **kwargs)
+  monkeypatch.setattr(checkpoints.ocp.StandardCheckpointHandler, 'restore',
+                      failing)
+  return attempted
+
+
+def test_a_transient_read_error_is_retried_not_taken_for_damage(
+    tmp_path, monkeypatch, caplog):
+  """ESTALE on NFS, once, on a good newest checkpoint: restored, not set
+  aside, and the run does not rewind."""
+  directory = str(tmp_path / 'checkpoints')
+  _three_checkpoints(directory)
+  attempted = _fail_reads(
+      monkeypatch, OSError(116, 'Stale file handle'), times=1)
+  store = checkpoints.Checkpoints(directory, keep=3)
+  state, meta = store.restore(_LIKE, None)
+  store.close()
+  assert attempted == [3, 3]
+  assert meta == {'step': 3}
+  np.testing.assert_array_equal(state['w'], np.full(3, 3, np.float32))
+  assert 'Damaged' not in caplog.text
+  assert sorted(os.listdir(tmp_path)) == ['checkpoints']
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
+
+
+def test_nothing_is_set_aside_when_no_checkpoint_reads(tmp_path, monkeypatch):
+  """A failure all checkpoints share is the code's or config's, not damage:
+  named as what it is, with every file left in place."""
   directory = str(tmp_path / 'checkpoints')
   _three_checkpoints(directory)
   store = checkpoints.Checkpoints(directory, keep=3)
   with pytest.raises(errors.WorkdirError,
-                     match=r'No checkpoint .* can be read: step 3 .*; '
-                     r'step 2 .*; step 1 .*move them away'):
+                     match=r"step 3\) whose state has another structure .*"
+                     r"1 entries only in the checkpoint, e\.g\. \['w'\]; 1 "
+                     r"only in this config, e\.g\. \['v'\]\).* not damaged"):
     store.restore({'v': np.zeros(3, np.float32)}, None)  # Another tree.
   with pytest.raises(errors.WorkdirError, match=r'step 3\) of a run with '
                      r"None, but this config gives \{'towers': 2\}"):
     store.restore(_LIKE, {'towers': 2})
+  with monkeypatch.context() as patch:
+    _fail_reads(patch, ValueError('no codec for bfloat17'))
+    with pytest.raises(errors.WorkdirError,
+                       match=r'all 3 for the same reason \(state/: ValueError: '
+                       r'no codec for bfloat17\).* left as they are'):
+      store.restore(_LIKE, None)
   store.close()
   assert sorted(os.listdir(tmp_path)) == ['checkpoints']
   assert sorted(os.listdir(directory)) == ['1', '2', '3']
+  # Damage of different kinds on each: nothing reads, nothing is named.
+  _truncate_state(os.path.join(directory, '3'))
+  for step in ('1', '2'):
+    _delete_array_data(os.path.join(directory, step))
+  store = checkpoints.Checkpoints(directory, keep=3)
+  with pytest.raises(errors.WorkdirError,
+                     match=r'can be read: step 3 .*; step 2 .*; step 1 .*'
+                     r'Restore them from a copy'):
+    store.restore(_LIKE, None)
+  store.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
+
+
+def test_a_switched_reinit_lr_multiplier_is_named_and_nothing_moved(
+    tiny, tmp_path):
+  """reinit_lr_multiplier 1.0 -> 10 adds optax.masked to the optimizer:
+  every checkpoint fails to fit the new state for that one reason."""
+  directory = str(tmp_path / 'checkpoints')
+  fine_tuning = {'init_from': str(tmp_path), 'reinit': ('fc8',)}
+  trees = {}
+  for multiplier in (1.0, 10.0):
+    config = tiny(reinit_lr_multiplier=multiplier, **fine_tuning)
+    model = steps.create_model(config, 10)
+    trees[multiplier] = jax.eval_shape(
+        functools.partial(steps.initial_tree, config, model))
+  store = checkpoints.Checkpoints(directory, keep=3)
+  saved = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), trees[1.0])
+  for step in (1, 2):
+    store.save(step, saved, {'step': step})
+  store.wait()
+  with pytest.raises(errors.WorkdirError,
+                     match=r'step 2\) whose state has another structure .*'
+                     r"'opt_state/2/trace/conv1/bias'.*"
+                     r"'opt_state/3/trace/conv1/bias'.*reinit_lr_multiplier"):
+    store.restore(trees[10.0], None)
+  assert store.restore(trees[1.0], None)[1] == {'step': 2}
+  store.close()
+  assert sorted(os.listdir(tmp_path)) == ['checkpoints']
+  assert sorted(os.listdir(directory)) == ['1', '2']
 
 
 def test_a_checkpoint_another_process_cannot_read_is_damaged_for_all(

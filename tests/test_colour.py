@@ -60,6 +60,13 @@ def test_imagenet_values_are_an_orthonormal_basis():
   np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=2e-3)
   assert list(colour.IMAGENET_EIGVALS) == sorted(colour.IMAGENET_EIGVALS,
                                                  reverse=True)
+  # Eigenvectors are columns, as `principal_components` returns them: the
+  # first, of the largest eigenvalue, is the brightness direction of
+  # natural images, R, G and B alike (the published (-0.5675, -0.5808,
+  # -0.5836)); the matrix's first row is no such direction.
+  brightness = vectors[:, 0]
+  assert np.all(np.sign(brightness) == np.sign(brightness[0]))
+  np.testing.assert_allclose(np.abs(brightness), 3**-0.5, atol=0.02)
 
 
 def test_cache_round_trip_and_path(tmp_path):

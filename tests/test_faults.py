@@ -272,3 +272,35 @@ def test_workdir_not_shared_by_all_processes_fails_clearly(
     assert (f'process 0: step {STEPS}, process 1: none' in run.text()
             and 'a filesystem all processes share' in run.text()), (
                 run.text()[-3000:])
+
+
+# --- Damaged and unreadable checkpoints ---------------------------------------
+
+
+def _largest_file(folder):
+  paths = [os.path.join(root, name) for root, _, names in os.walk(folder)
+           for name in names]
+  return max(paths, key=os.path.getsize)
+
+
+def test_a_damaged_checkpoint_falls_back_in_one_warning_without_traceback(
+    reference, start, config, tmp_path):
+  """The latest step's largest data file truncated (an interrupted copy):
+  the run restores the step before, sets the damaged one aside, finishes
+  where the reference did, and prints no traceback on the way."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  with _Store(workdir) as store:
+    previous = sorted(store._manager.all_steps())[-2]  # pylint: disable=protected-access
+  data = _largest_file(os.path.join(workdir, 'checkpoints', str(STEPS),
+                                    'state'))
+  os.truncate(data, os.path.getsize(data) // 2)
+  run = start(tmp_path / 'damaged.log', workdir)
+  assert run.wait() == 0, run.text()[-3000:]
+  text = run.text()
+  assert f'Resuming from step {previous} ' in text, text[-3000:]
+  assert len(re.findall('Damaged checkpoint', text)) == 1, text[-3000:]
+  assert 'Traceback' not in text and 'Event loop is closed' not in text, (
+      text[-5000:])
+  assert os.listdir(os.path.join(workdir, 'checkpoints_damaged'))
+  _assert_same_as_reference(workdir, config(), reference)

@@ -157,11 +157,14 @@ def test_three_train_steps_equal_grouped_oracle(num_devices, model_parallel,
 
 
 def _assert_trees_close(got, want):
-  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(got),
-                        jax.tree.leaves(got), jax.tree.leaves(want)):
+  """Leaf by leaf, of trees with the same structure (no leaf left out)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want), (
+      jax.tree.structure(got), jax.tree.structure(want))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want), strict=True):
     scale = float(np.abs(w).max())
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale,
-                               err_msg=jax.tree_util.keystr(path[0]))
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_each_device_holds_only_its_towers_parameters():

@@ -40,19 +40,57 @@ def test_a_changed_recipe_is_refused_and_the_same_one_resumes(tiny,
 
 def test_the_recipe_names_every_field_of_the_data_stream(tiny):
   config = tiny()
+  source = input_pipeline.data_source(config)
   current = recipe.recipe(config, num_replicas=2)
   assert current == {'seed': 0, 'batch_size': 8, 'num_replicas': 2,
                      'dataset': 'digits', 'train_split': 'train',
-                     'image_size': 67, 'resize_size': 76, 'classes': [],
+                     'shuffle_buffer': 64, 'image_size': 67,
+                     'resize_size': 76, 'classes': [],
                      'train_examples_per_class': 0}
-  assert recipe.check({recipe.KEY: current}, current, 'w', 5) is None
+  assert recipe.check({recipe.KEY: current}, current, 'w', 5, source) is None
   with pytest.raises(errors.WorkdirError, match='num_replicas 2 -> 4'):
-    recipe.check({recipe.KEY: current}, recipe.recipe(config, 4), 'w', 5)
+    recipe.check({recipe.KEY: current}, recipe.recipe(config, 4), 'w', 5,
+                 source)
   with pytest.raises(errors.WorkdirError, match="dataset 'digits' -> 'x'"):
-    recipe.check({recipe.KEY: current}, {**current, 'dataset': 'x'}, 'w', 5)
+    recipe.check({recipe.KEY: current}, {**current, 'dataset': 'x'}, 'w', 5,
+                 source)
   # A checkpoint from before recipes were saved resumes, with a warning.
-  warning = recipe.check({'step': 5, 'seed': 0}, current, 'w', 5)
+  warning = recipe.check({'step': 5, 'seed': 0}, current, 'w', 5, source)
   assert 'step 5 in w records no data recipe' in warning
+  # An imported checkpoint's empty recipe is adopted without one.
+  assert recipe.check({'step': 0, recipe.KEY: {}}, current, 'w', 0,
+                      source) is None
+
+
+def test_what_sets_the_stream_is_compared_not_the_text(tiny):
+  """train_split by the examples it selects; shuffle_buffer by the window
+  it gives each replica: digits' 1347 training examples on one replica
+  are one window of 1024 (the least) and one of 323 for a buffer up to
+  1024, and a single window of 1347 for any buffer from 1347 on."""
+  config = tiny()
+  source = input_pipeline.data_source(config)
+  saved = recipe.recipe(config, num_replicas=1)
+
+  def check(saved_fields, **fields):
+    return recipe.check({recipe.KEY: {**saved, **saved_fields}},
+                        {**saved, **fields}, 'w', 5, source)
+
+  assert check({'train_split': 'train[:90%]'},
+               train_split='train[0%:90%]') is None
+  assert check({'train_split': 'train'}, train_split='train[0%:100%]') is None
+  with pytest.raises(errors.WorkdirError,
+                     match=r"train_split 'train\[:90%\]' -> 'train\[:80%\]'"):
+    check({'train_split': 'train[:90%]'}, train_split='train[:80%]')
+  assert check({'shuffle_buffer': 2000}, shuffle_buffer=16_384) is None
+  assert check({'shuffle_buffer': 1024}, shuffle_buffer=100) is None
+  with pytest.raises(errors.WorkdirError,
+                     match=r'shuffle_buffer 1024 -> 2000 \(windows of 1024 -> '
+                     r'1347 examples per replica\)'):
+    check({'shuffle_buffer': 1024}, shuffle_buffer=2000)
+  # A recipe saved before shuffle_buffer was recorded is not refused for it.
+  older = {name: value for name, value in saved.items()
+           if name != 'shuffle_buffer'}
+  assert recipe.check({recipe.KEY: older}, saved, 'w', 5, source) is None
 
 
 # --- The data stream: resuming anywhere costs at most one window ------------

@@ -128,14 +128,19 @@ def test_fine_tuning_copies_reinits_and_resumes_without_reinit(
   workdir = str(tmp_path / 'finetune')
   assert train.train_and_evaluate(config, workdir).step == 2
   after_two, _ = finetune.read_params(workdir)
-  # Resuming reads the run's own checkpoint, never init_from again.
+  # Resuming reads the run's own checkpoint, never init_from again, and
+  # re-initialises nothing: a resume at the end starts (and so ends) with
+  # every layer, fc8 included, exactly as saved.
   config.init_from = str(tmp_path / 'gone')
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed.step == 2
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, after_two)
   config.num_train_steps = 3
   state = train.train_and_evaluate(config, workdir)
   assert state.step == 3
   moved = [not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(state.params), jax.tree.leaves(after_two))]
-  assert any(moved)
+      jax.tree.leaves(state.params), jax.tree.leaves(after_two), strict=True)]
+  assert any(moved)  # And it trains on from there.
   with pytest.raises(errors.ConfigError, match='is not a run'):
     train.train_and_evaluate(config, str(tmp_path / 'new'))
   for overrides, match in (({'reinit': ('fc8',)}, 'set config.init_from'),

@@ -37,6 +37,32 @@ MIN_WINDOW = 1024
 _ORDER = 0x0dde
 
 
+def window_size(source: sources.Source, local_examples: int,
+                shuffle_buffer: int, num_replicas: int) -> int:
+  """Examples of one window of a replica's slice (module docstring).
+
+  Args:
+    source: the data.
+    local_examples: examples of the replica's slice.
+    shuffle_buffer: config.shuffle_buffer, a total over all replicas.
+    num_replicas: data-parallel replicas over all processes.
+
+  Returns:
+    The window, which with the seed sets every epoch's order.
+  """
+  if source.cheap_elements:
+    return local_examples
+  return min(max(MIN_WINDOW, shuffle_buffer // num_replicas), local_examples)
+
+
+def replica_examples(source: sources.Source, train_split: str,
+                     num_replicas: int) -> int:
+  """Examples of each replica's slice of `train_split` (all equal)."""
+  return sources.num_examples(source, tfds.split_for_jax_process(
+      train_split, process_index=0, process_count=num_replicas,
+      drop_remainder=True))
+
+
 def train_examples(config: ml_collections.ConfigDict, source: sources.Source,
                    lighting: tuple[np.ndarray, np.ndarray], *, replica: int,
                    num_replicas: int, steps_per_epoch: int,
@@ -71,9 +97,8 @@ def train_examples(config: ml_collections.ConfigDict, source: sources.Source,
   if local_examples < per_epoch:
     raise DatasetError(f'Replica {replica} holds {local_examples} examples of '
                        f'{config.train_split!r}, fewer than {per_epoch}.')
-  # config.shuffle_buffer is a total over all replicas.
-  window = local_examples if source.cheap_elements else min(
-      max(MIN_WINDOW, config.shuffle_buffer // num_replicas), local_examples)
+  window = window_size(source, local_examples, config.shuffle_buffer,
+                       num_replicas)
   windows, sizes = _windows(source, split, local_examples, window)
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
 

@@ -7,6 +7,7 @@ plateau schedule, and meta with the step, the seed and the shape signature
 fine-tuning) starts from it with the same config.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -16,6 +17,7 @@ import ml_collections
 
 from alexnet import checkpoints
 from alexnet import errors
+from alexnet import recipe
 from alexnet import schedule as schedule_lib
 from alexnet import steps
 from alexnet.importers import caffe
@@ -45,6 +47,18 @@ class Imported:
   file_format: str
   num_classes: int
   directory: str
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+  """Turns a file that cannot be read (permissions, a disk error) into one
+  line naming it."""
+  try:
+    yield
+  except OSError as error:
+    raise errors.WeightsError(
+        f'--weights={path}: cannot read it ({error.strerror or error}). '
+        'Give a weights file you can read.') from None
 
 
 def sha1_of(path: str) -> str:
@@ -79,8 +93,9 @@ def read_params(config: ml_collections.ConfigDict,
   if not os.path.isfile(path):
     raise errors.WeightsError(f'--weights={path}: no such file.')
   file_format, read = _READERS[suffix]
-  params, num_classes = layout.tower_params(path, file_format, read(path),
-                                            config)
+  with _reading(path):
+    layers = read(path)
+  params, num_classes = layout.tower_params(path, file_format, layers, config)
   return params, num_classes, file_format
 
 
@@ -100,8 +115,9 @@ def import_weights(config: ml_collections.ConfigDict, path: str,
     errors.WeightsError: see `read_params`.
     errors.WorkdirError: the workdir already holds checkpoints.
   """
-  digest = sha1_of(path) if os.path.isfile(path) else ''
   params, num_classes, file_format = read_params(config, path)
+  with _reading(path):
+    digest = sha1_of(path)
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   store = checkpoints.Checkpoints(directory, keep=config.keep_checkpoints)
   try:
@@ -114,7 +130,9 @@ def import_weights(config: ml_collections.ConfigDict, path: str,
              'plateau': schedule_lib.make_plateau(config).init(None)}
     meta = {'step': 0, 'seed': config.seed,
             'shape': steps.shape_signature(config, num_classes),
-            'imported': {'file': os.path.abspath(path), 'sha1': digest}}
+            'imported': {'file': os.path.abspath(path), 'sha1': digest},
+            # No data stream led here: the first training run's is the one.
+            recipe.KEY: recipe.NONE_YET}
     store.save(0, jax.device_get(state), meta)
     store.wait()
   finally:
