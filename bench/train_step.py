@@ -88,7 +88,10 @@ if ARGS.devices > 1:
 
 # pylint: disable-next=g-import-not-at-top
 from bench import peer_torch  # Imports no torch: see import_before_jax.
-if not ARGS.no_torch and peer_torch.available():
+# Only as a script: an importer (the tests) gets no torch, whose CUDA build
+# (PyPI's) crashes in triton's loader when imported after JAX in a process
+# that has loaded much else.
+if __name__ == '__main__' and not ARGS.no_torch and peer_torch.available():
   peer_torch.import_before_jax()
 
 import jax  # pylint: disable=g-import-not-at-top
