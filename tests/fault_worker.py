@@ -19,7 +19,7 @@ Environment variables:
   machine (that hostname, another boot id), whose liveness only its
   heartbeat shows.
 * FAULT_HEARTBEAT_SECONDS, FAULT_STALE_SECONDS: the lock's timing
-  (alexnet/workdir.py's HEARTBEAT_SECONDS and STALE_SECONDS).
+  (alexnet/workdir_lock.py's HEARTBEAT_SECONDS and STALE_SECONDS).
 """
 
 import functools
@@ -36,7 +36,8 @@ from orbax.checkpoint.path import atomicity
 
 from alexnet import checkpoints
 from alexnet import distributed
-from alexnet import workdir
+from alexnet import liveness
+from alexnet import workdir_lock
 import main
 
 
@@ -82,11 +83,12 @@ def _kill_at_commit(step: int) -> None:
 def _lock_settings() -> None:
   machine = os.environ.get('FAULT_MACHINE')
   if machine:
-    workdir.this_machine = lambda: {'host': machine, 'boot': f'{machine}-boot',
-                                    'pid_namespace': ''}
+    liveness.this_machine = lambda: {'host': machine,
+                                     'boot': f'{machine}-boot',
+                                     'pid_namespace': ''}
   for name in ('HEARTBEAT_SECONDS', 'STALE_SECONDS'):
     if f'FAULT_{name}' in os.environ:
-      setattr(workdir, name, float(os.environ[f'FAULT_{name}']))
+      setattr(workdir_lock, name, float(os.environ[f'FAULT_{name}']))
 
 
 def _install_faults() -> None:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from alexnet import checkpoint_reads
 from alexnet import checkpoints
 from alexnet import errors
 from alexnet import steps
@@ -139,7 +140,7 @@ def test_a_damaged_checkpoint_asked_for_names_the_readable_ones(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch):
-  monkeypatch.setattr(checkpoints, '_RETRY_SECONDS', 0.01, raising=False)
+  monkeypatch.setattr(checkpoint_reads, '_RETRY_SECONDS', 0.01)
 
 
 def _fail_reads(monkeypatch, error, times=None):
@@ -255,9 +256,11 @@ def test_a_checkpoint_another_process_cannot_read_is_damaged_for_all(
     return np.asarray([value, next(other)])
 
   store = checkpoints.Checkpoints(directory, keep=3)
-  # Two processes as this module sees them (orbax itself stays with one).
-  monkeypatch.setattr(checkpoints, 'jax', types.SimpleNamespace(
-      process_count=lambda: 2, process_index=lambda: 0, tree=jax.tree))
+  # Two processes as these modules see them (orbax itself stays with one).
+  two = types.SimpleNamespace(process_count=lambda: 2,
+                              process_index=lambda: 0, tree=jax.tree)
+  for module in (checkpoints, checkpoint_reads):
+    monkeypatch.setattr(module, 'jax', two)
   monkeypatch.setattr(checkpoints.multihost_utils, 'process_allgather',
                       allgather)
   monkeypatch.setattr(checkpoints.multihost_utils, 'sync_global_devices',
