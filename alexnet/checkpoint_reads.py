@@ -22,6 +22,7 @@ damaged ones.
 """
 
 import dataclasses
+import logging as python_logging
 import os
 import re
 import sys
@@ -63,11 +64,13 @@ def _quiet_late_read_callbacks() -> None:
   the `RuntimeError: Event loop is closed` it raises as an unraisable
   exception: dozens of tracebacks above the one warning, read as a crash.
   Exactly that error is dropped (installed once per process); any other
-  goes to the hook there was.
+  goes to the hook there was. So are asyncio's reports of the other failed
+  reads (`_unretrieved_read_error`).
   """
   previous = sys.unraisablehook
   if getattr(previous, 'quiet_late_read_callbacks', False):
     return
+  python_logging.getLogger('asyncio').addFilter(_unretrieved_read_error)
 
   def hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError) and
@@ -75,6 +78,25 @@ def _quiet_late_read_callbacks() -> None:
       previous(unraisable)
   hook.quiet_late_read_callbacks = True
   sys.unraisablehook = hook
+
+
+def _unretrieved_read_error(record: python_logging.LogRecord) -> bool:
+  """False for asyncio's 'Task exception was never retrieved' of a read.
+
+  The same stragglers: when several arrays of a damaged checkpoint fail,
+  orbax reports the first, and asyncio reports each other one, with its
+  traceback, when its task is collected. Other asyncio records pass.
+  """
+  if not str(record.msg).startswith(('Task exception was never retrieved',
+                                     'Future exception was never retrieved')):
+    return True
+  trace = record.exc_info[2] if record.exc_info else None
+  while trace is not None:
+    if re.search(r'[/\\](orbax|tensorstore)[/\\]',
+                 trace.tb_frame.f_code.co_filename):
+      return False
+    trace = trace.tb_next
+  return True
 
 
 def _leaf_paths(tree: PyTree) -> set[str]:

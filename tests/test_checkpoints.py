@@ -1,8 +1,10 @@
 """Which checkpoints are kept, and finding one by 'latest', 'best' or step."""
 
 import functools
+import logging as python_logging
 import os
 import re
+import sys
 import types
 
 import jax
@@ -272,3 +274,29 @@ def test_a_checkpoint_another_process_cannot_read_is_damaged_for_all(
   assert gathered == [3, 0, 0]  # This process read both.
   assert 'step 3 (unreadable on another process)' in caplog.text
   assert sorted(os.listdir(directory)) == ['1', '2']
+
+
+def _failure_in(filename):
+  """exc_info of an error raised by code that claims to live in `filename`."""
+  try:
+    code = compile('raise ValueError("OUT_OF_RANGE")', filename, 'exec')
+    exec(code, {})  # pylint: disable=exec-used
+  except ValueError:
+    return sys.exc_info()
+  raise AssertionError('unreachable')
+
+
+def test_asyncio_reports_of_a_failed_reads_other_errors_are_dropped():
+  def shown(message, filename):
+    record = python_logging.LogRecord('asyncio', python_logging.ERROR, 'x', 1,
+                                      message, None, _failure_in(filename))
+    # pylint: disable-next=protected-access
+    return checkpoint_reads._unretrieved_read_error(record)
+
+  orbax_file = '/venv/site-packages/orbax/checkpoint/_src/read.py'
+  assert not shown('Task exception was never retrieved\nfuture: <Task>',
+                   orbax_file)
+  assert not shown('Future exception was never retrieved',
+                   '/x/tensorstore/y.py')
+  assert shown('Task exception was never retrieved', '/work/main/train.py')
+  assert shown('Executing <Task> took 0.2 seconds', orbax_file)
