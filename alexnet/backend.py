@@ -119,6 +119,11 @@ def _jax_plugins() -> set[str]:
   return names
 
 
+def cuda_plugin_installed() -> bool:
+  """Whether JAX has a CUDA plugin (XLA:GPU), e.g. jax-cuda12-plugin."""
+  return any('cuda' in name for name in _jax_plugins())
+
+
 def _refusal(gpus: list[str], why: str) -> GpuError:
   return GpuError(
       f'this machine has {len(gpus)} NVIDIA '

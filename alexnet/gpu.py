@@ -12,13 +12,13 @@ has the measured reports.
 
 import dataclasses
 import importlib.metadata
-import importlib.util
 import os
 import re
 
 import jax
 from jax.experimental import topologies
 
+from alexnet import backend
 from alexnet import compile_only
 from alexnet import roofline
 
@@ -103,16 +103,9 @@ def parse_topology(name: str) -> tuple[str, int]:
   return kind, int(count)
 
 
-def _cuda_plugin_installed() -> bool:
-  try:
-    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
-  except ModuleNotFoundError:  # Not even the plugins' namespace package.
-    return False
-
-
 def require_cuda_plugin() -> None:
   """Refuses to go on without XLA:GPU, naming the install."""
-  if not _cuda_plugin_installed():
+  if not backend.cuda_plugin_installed():
     raise TopologyError(
         '--mode=compile for GPUs needs JAX\'s CUDA plugin, the GPU '
         f'compiler, which is not installed: pip install {CUDA_PLUGIN} (or '

@@ -7,6 +7,7 @@ wherever the suite does.
 """
 
 import functools
+import importlib.metadata
 import re
 import sys
 
@@ -98,9 +99,11 @@ def test_gpu_names_a_missing_plugin_and_a_step_too_big_are_refused(
   message = str(refusal.value)
   assert 'train step does not fit in the memory of one NVIDIA A100' in message
   assert '--config.batch_size=1048576 or --config.dtype=bfloat16' in message
-  # As on a CPU-only install: no plugin, not even their namespace package.
+  # As on a CPU-only install: no plugin, not even their namespace package,
+  # and no entry point naming one.
   monkeypatch.delitem(sys.modules, 'jax_plugins.xla_cuda12')
   monkeypatch.setitem(sys.modules, 'jax_plugins', None)
+  monkeypatch.setattr(importlib.metadata, 'entry_points', lambda **_: [])
   with pytest.raises(gpu.TopologyError,
                      match=r'pip install jax-cuda12-plugin==0\.10\.2'):
     gpu.target('h100:8')
