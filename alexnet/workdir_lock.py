@@ -290,9 +290,10 @@ class Lock:
       return False
     try:
       found = self._read()
-      if found is None:
+      if found is None or not _valid(found[0]):
         # A start breaking a dead lock at the same time may hold this live
-        # one aside for an instant before putting it back (`_break`).
+        # one aside for an instant before putting it back (`_break`), and
+        # where there are no hard links a new lock is written in place.
         time.sleep(_WAIT_SECONDS)
         found = self._read()
     except errors.WorkdirError as error:
@@ -300,16 +301,18 @@ class Lock:
       return True  # Unreadable is not lost: the next beat looks again.
     if found is not None and found[0].get('token') == self._record['token']:
       return True
-    holder = found[0] if found is not None else {}
+    if found is None:
+      now = 'the lock file was removed'
+    elif not _valid(found[0]):
+      now = 'the lock file holds no full record now (damaged or overwritten)'
+    else:
+      now = (f'process {found[0]["pid"]} on host {found[0]["host"]} holds it '
+             f'since {found[0]["since"]}')
     self._lost = (
-        f'This run lost the lock {self.path} of its workdir: '
-        + (f'process {holder.get("pid", "?")} on host '
-           f'{holder.get("host", "?")} holds it since '
-           f'{holder.get("since", "?")}' if found is not None
-           else 'the lock file was removed')
-        + ', taken over after this run\'s heartbeat went stale (was it '
-        'paused, or cut off from the storage?). It stops without saving '
-        'more, to leave the workdir to one writer.')
+        f'This run lost the lock {self.path} of its workdir: {now}, taken '
+        'over after this run\'s heartbeat went stale (was it paused, or cut '
+        'off from the storage?). It stops without saving more, to leave the '
+        'workdir to one writer.')
     logging.warning('%s', self._lost)
     return False
 

@@ -34,8 +34,10 @@ def _forge(held, **fields):
             'identity': liveness.process_identity(os.getpid()),
             'token': 'forged', 'lock': held.path, 'since': 'earlier'}
   record.update(fields)
-  with open(held.path, 'w') as f:
+  # Written aside and moved in, so that a heartbeat never reads it half done.
+  with open(held.path + '.forged', 'w') as f:
     json.dump(record, f)
+  os.replace(held.path + '.forged', held.path)
 
 
 def _age(path, seconds):
@@ -300,3 +302,30 @@ def test_a_lock_taken_over_stops_the_heartbeat_and_is_one_line(tmp_path):
   lock.release()
   with open(lock.path) as f:
     assert json.load(f)['pid'] == 4242  # The new holder's, left alone.
+
+
+def test_a_lock_caught_half_written_is_read_again_not_lost(tmp_path,
+                                                          monkeypatch):
+  # Without hard links a new lock is written in place: a heartbeat can find
+  # it empty. Still held if the write ends while it waits; lost if not.
+  lock = workdir_lock.Lock(str(tmp_path / 'checkpoints'))
+  lock.acquire()
+  with open(lock.path) as f:
+    whole = f.read()
+  open(lock.path, 'w').close()
+  monkeypatch.setattr(workdir_lock.time, 'sleep',
+                      lambda seconds: _write(lock.path, whole))
+  lock.check()
+  assert not lock.lost
+  open(lock.path, 'w').close()
+  monkeypatch.setattr(workdir_lock.time, 'sleep', lambda seconds: None)
+  with pytest.raises(errors.WorkdirError,
+                     match='the lock file holds no full record now'):
+    lock.check()
+  monkeypatch.undo()
+  lock.release()
+
+
+def _write(path, content):
+  with open(path, 'w') as f:
+    f.write(content)
