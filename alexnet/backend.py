@@ -18,10 +18,13 @@ need help from `start`, called before that:
 The GPUs are found as the kernel lists them: a PCI device of NVIDIA's vendor
 id whose class is a display or 3D controller, named by the NVIDIA driver
 where it is loaded (/proc/driver/nvidia/gpus/ADDRESS/information).
+
+`start` also sets XLA's CPU compiler options (`CPU_XLA_FLAGS`), which must
+be in XLA_FLAGS before JAX starts its CPU backend.
 """
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 import importlib.metadata
 import importlib.util
 import os
@@ -42,6 +45,12 @@ _DISPLAY_CLASS = '0x03'
 ROOT_VARIABLE = 'ALEXNET_HARDWARE_ROOT'
 GPU_INSTALL = ('python3 -m venv .venv && .venv/bin/pip install -r '
                'requirements-gpu.txt')
+# This jaxlib's XLA:CPU hands convolutions to YNNPACK; its own (Eigen)
+# convolutions run AlexNet's 1.1-3x faster on x86, kernel gradients most
+# (docs/performance.md, "CPU convolutions"). Only the CPU backend reads
+# xla_cpu_* options. A user's XLA_FLAGS that name an option win.
+CPU_XLA_FLAGS = (
+    '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',)
 
 
 class GpuError(errors.UserError):
@@ -132,11 +141,29 @@ def _refusal(gpus: list[str], why: str) -> GpuError:
       'JAX_PLATFORMS=cpu to train on the CPU.')
 
 
-def start(environ: Mapping[str, str] = os.environ,
+def set_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> str:
+  """Adds `CPU_XLA_FLAGS` to XLA_FLAGS, except options XLA_FLAGS names.
+
+  Only effective before JAX starts its CPU backend (its first device or
+  computation): XLA reads XLA_FLAGS once.
+
+  Returns:
+    The XLA_FLAGS it leaves.
+  """
+  flags = environ.get('XLA_FLAGS', '')
+  for flag in CPU_XLA_FLAGS:
+    if flag.partition('=')[0] not in flags:
+      flags = f'{flags} {flag}'.strip()
+  environ['XLA_FLAGS'] = flags
+  return flags
+
+
+def start(environ: MutableMapping[str, str] = os.environ,
           need_gpus: bool = True) -> str | None:
   """Chooses JAX's backends where JAX alone would choose badly.
 
-  Call it before anything touches a device.
+  Call it before anything touches a device. It also sets the CPU's XLA
+  options (`set_cpu_flags`), on every machine.
 
   Args:
     environ: the environment (a parameter for tests).
@@ -153,6 +180,7 @@ def start(environ: Mapping[str, str] = os.environ,
   Raises:
     GpuError: NVIDIA GPUs present, no CUDA plugin, `need_gpus`.
   """
+  set_cpu_flags(environ)
   root = hardware_root(environ)
   if environ.get('JAX_PLATFORMS') or distributed.tpu_present(
       os.path.join(root, 'sys/bus/pci/devices')):

@@ -11,7 +11,9 @@ timings of both side by side.
   `nn.max_pool`'s gradient is a select-and-scatter, slow on XLA CPU.
 * `patch_conv`: a convolution whose kernel gradient (and, when strided, whose
   forward) is a matmul over explicit image patches, built a block of images
-  at a time. XLA CPU computes kernel gradients as slow convolutions.
+  at a time. It beats XLA:CPU's convolutions where YNNPACK computes them
+  (this jaxlib's default), slow on kernel gradients; it loses to XLA's own
+  (Eigen) convolutions, which `backend.CPU_XLA_FLAGS` selects.
 
 LRN and pooling run on every backend (they are exact); the convolution is
 chosen by `model.AlexNet.conv_impl`.
@@ -145,12 +147,12 @@ def xla_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
 def patch_conv(x: Array, kernel: Array, stride: int, pads: Pads) -> Array:
   """The convolution of `xla_conv` with patch-matmul kernels where they win.
 
-  Measured on XLA CPU (`bench/train_step.py --kernels`), blocked patches
-  are faster for strided convolutions (conv1, forward and kernel gradient)
-  and for kernel gradients on maps at least 8 wide (conv2-conv5 at 227
-  pixels, whose XLA kernel gradient is a convolution with a 27x27 or 13x13
-  "kernel"); XLA's own is faster for the 3x3 and 7x7 maps of 67-pixel
-  inputs.
+  Against YNNPACK's convolutions (XLA:CPU without `backend.CPU_XLA_FLAGS`;
+  `bench/train_step.py --kernels`), blocked patches are faster for strided
+  convolutions (conv1, forward and kernel gradient) and for kernel
+  gradients on maps at least 8 wide (conv2-conv5 at 227 pixels, whose
+  kernel gradient is a convolution with a 27x27 or 13x13 "kernel");
+  YNNPACK is faster for the 3x3 and 7x7 maps of 67-pixel inputs.
 
   Args:
     x: [N, H, W, C_in] input.

@@ -72,16 +72,16 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     'relu': nn.relu, 'tanh': jnp.tanh}
 
 # 'xla': lax.conv_general_dilated everywhere (cuDNN on GPUs, the MXU on
-# TPUs). 'patches': cpu_ops.patch_conv, patch matmuls where they beat XLA
-# on CPU. 'auto': see `resolve_conv_impl`.
+# TPUs, Eigen on CPUs with backend.CPU_XLA_FLAGS). 'patches':
+# cpu_ops.patch_conv, patch-matmul kernel gradients, for an XLA:CPU whose
+# own kernel gradients are slow (YNNPACK's, without those flags). 'auto':
+# 'xla', the fastest on every backend measured (docs/performance.md).
 CONV_IMPLS = ('auto', 'xla', 'patches')
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-  """'auto' -> 'patches' on the CPU backend, 'xla' on any other."""
-  if conv_impl == 'auto':
-    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
-  return conv_impl
+  """'auto' -> 'xla'; the others as they are."""
+  return 'xla' if conv_impl == 'auto' else conv_impl
 
 
 class Exchange(Protocol):

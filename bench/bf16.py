@@ -34,7 +34,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
-from alexnet import cpu_ops, model  # pylint: disable=g-import-not-at-top
+from alexnet import backend, cpu_ops, model  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_enable_x64', True)
 
@@ -142,6 +142,7 @@ def main() -> None:
   parser.add_argument('--conv_impl', default='xla',
                       choices=model.CONV_IMPLS)
   args = parser.parse_args()
+  backend.start()  # As main.py does: the backend and its CPU options.
   print(f'{jax.default_backend()}; image {args.image_size}, width '
         f'{args.width}, batch {args.batch_size}, init {args.init_scheme}, '
         f'conv_impl {args.conv_impl}; cosine of kernel gradients to float64')

@@ -35,6 +35,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from alexnet import backend
 from alexnet import parallel
 from alexnet import steps
 from configs import alexnet
@@ -119,6 +120,7 @@ def pipeline_only(data_dir: str, num_steps: int) -> float:
 
 def main(argv):
   del argv
+  backend.start()  # As main.py does: the backend and its CPU options.
   logging.set_verbosity(logging.WARNING)
   long, short = _STEPS.value, _STEPS.value // 4
   with tempfile.TemporaryDirectory() as data_dir:

@@ -27,10 +27,11 @@ saying so.
 On CPU, --devices=N fakes N host devices (XLA_FLAGS is set before JAX is
 imported); on GPUs the same command uses the first N real devices.
 
-User-level options (never set by the library) worth timing on a CPU:
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot  runs dots and
-    convolutions through YNNPACK (XLA's own kernel-gradient convolutions are
-    its weak spot; compare with --per_layer).
+XLA's CPU options are main.py's (`backend.start` sets
+`backend.CPU_XLA_FLAGS`); an option named in XLA_FLAGS wins, e.g.
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_convolution
+runs the convolutions through YNNPACK, this jaxlib's default (compare with
+--per_layer or --kernels).
 """
 
 from __future__ import annotations

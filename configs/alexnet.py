@@ -198,9 +198,9 @@ def paper_config() -> ml_collections.ConfigDict:
   config.init_scheme = 'paper'
   # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
   config.dtype = 'float32'
-  # Convolutions: 'xla' (XLA's own: cuDNN on GPUs, the MXU on TPUs),
-  # 'patches' (patch matmuls where they beat XLA on CPU, see
-  # alexnet/cpu_ops.py) or 'auto' (patches on the CPU backend, else xla).
+  # Convolutions: 'xla' (XLA's own: cuDNN on GPUs, the MXU on TPUs, Eigen
+  # on CPUs), 'patches' (patch-matmul kernel gradients for an XLA:CPU whose
+  # own are slow, see alexnet/cpu_ops.py) or 'auto' (xla).
   config.conv_impl = 'auto'
   # With two or more devices put the two towers on separate devices (the
   # paper's model parallelism); False keeps both towers on every device and

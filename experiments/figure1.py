@@ -38,6 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from alexnet import backend
 from alexnet import errors
 from alexnet import steps
 from alexnet.data import fashion_mnist
@@ -350,6 +351,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
+    backend.start()  # As main.py does: the backend and its CPU options.
     run_figure1(flags.FLAGS.config, flags.FLAGS.workdir)
   except errors.UserError as error:
     raise SystemExit(f'error: {error}') from None

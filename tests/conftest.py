@@ -1,6 +1,6 @@
 """Test set-up and the helpers every test module shares.
 
-Four fake CPU devices, set before anything imports JAX, let one process
+Four fake CPU devices, set before JAX starts its backend, let one process
 check the one-device, two-device (one tower each) and four-device (two
 replicas of a tower pair) layouts side by side. A persistent compilation
 cache lets the many short training runs (and the `main.py` subprocesses,
@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 
+from alexnet import backend  # Imports JAX, but starts no backend.
 from configs import alexnet as configs  # Plain Python: does not import JAX.
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -25,6 +26,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The CPU convolutions that training uses (main.py sets them the same way).
+backend.set_cpu_flags()
 # The tests run on the CPU. libtpu (installed for --mode=compile) would
 # otherwise be tried first, with warnings, where there is no TPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
