@@ -394,3 +394,23 @@ def test_bfloat16_gradient_step_follows_float32(conv_impl):
   outputs = _layer_outputs(net16, params, images[:2])
   assert {name: x.dtype for name, x in outputs.items()} == dict.fromkeys(
       LAYERS, jnp.bfloat16)
+
+
+def test_both_forms_of_the_fully_connected_layer_agree(monkeypatch):
+  # fc8 (few outputs) reads its input once for both towers; fc6/fc7 as a
+  # tower batch. The small nets of the other tests use only the first.
+  layer = model.TowerDense(features=6)
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  params = layer.init(jax.random.key(1), x)
+
+  def value_and_grads():
+    loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
+    return layer.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+  few = value_and_grads()
+  monkeypatch.setattr(model, '_FEW_FEATURES', 0)
+  batched = value_and_grads()
+  assert few[0].shape == (4, 12)
+  for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(few),
+                       strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
