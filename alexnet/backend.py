@@ -45,10 +45,10 @@ _DISPLAY_CLASS = '0x03'
 ROOT_VARIABLE = 'ALEXNET_HARDWARE_ROOT'
 GPU_INSTALL = ('python3 -m venv .venv && .venv/bin/pip install -r '
                'requirements-gpu.txt')
-# This jaxlib's XLA:CPU hands convolutions to YNNPACK; its own (Eigen)
-# convolutions run AlexNet's 1.1-3x faster on x86, kernel gradients most
-# (docs/performance.md, "CPU convolutions"). Only the CPU backend reads
-# xla_cpu_* options. A user's XLA_FLAGS that name an option win.
+# This jaxlib's XLA:CPU hands convolutions to YNNPACK; its own (Eigen) ran
+# each of AlexNet's 1.1-3x faster on the x86 machine measured, kernel
+# gradients most (docs/performance.md, "CPU convolutions"). Only the CPU
+# backend reads xla_cpu_* options. A user's XLA_FLAGS that name one win.
 CPU_XLA_FLAGS = (
     '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',)
 
