@@ -103,9 +103,9 @@ def _real_step(config, layout, mapped):
       in_axes=(0, 0, None, None), out_axes=(0, None))
 
 
-# The raw step on XLA's convolutions, and the mapped step that training runs
-# (uint8 in) on the CPU's patch convolutions.
-STEP_FORMS = [(False, 'xla'), (True, 'patches')]
+# The mapped step that training runs (uint8 in) on XLA's convolutions, as
+# training runs it, and the raw step on the patch convolutions.
+STEP_FORMS = [(False, 'patches'), (True, 'xla')]
 
 
 # Every two-tower layout in both forms; the one-tower net once in each form.
