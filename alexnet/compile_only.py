@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from alexnet import config_checks
 from alexnet import errors
 from alexnet import flops as flops_lib
+from alexnet import model
 from alexnet import parallel
 from alexnet import roofline
 from alexnet import steps
@@ -206,10 +207,9 @@ def _compile_step(step: LoweredStep, images: int,
 
 
 def _for_accelerator(config: Config) -> Config:
-  """A copy with conv_impl 'auto' resolved as on a TPU or GPU: 'xla'."""
+  """A copy with conv_impl resolved, as the report names it."""
   config = config.copy_and_resolve_references()
-  if config.conv_impl == 'auto':
-    config.conv_impl = 'xla'
+  config.conv_impl = model.resolve_conv_impl(config.conv_impl)
   return config
 
 
@@ -244,10 +244,10 @@ def lower_steps(config: Config, target: Target) -> LoweredSteps:
   # A Python float and int in train.py: weakly typed scalars.
   scalars = (Struct((), jnp.float32, weak_type=True),
              Struct((), jnp.int32, weak_type=True))
-  model = steps.create_model(config, classes, layout.exchange)
-  train = steps.map_train_step(model, layout, config).lower(
+  net = steps.create_model(config, classes, layout.exchange)
+  train = steps.map_train_step(net, layout, config).lower(
       state, train_batch, mean, *scalars)
-  evaluate = steps.map_eval_step(model, layout, config).lower(
+  evaluate = steps.map_eval_step(net, layout, config).lower(
       state['params'], eval_batch, mean)
   return LoweredSteps(config, layout, classes, state, {
       'train': LoweredStep(train, 'batch_size', 2 * device_bytes(state)
